@@ -1,0 +1,1 @@
+"""Shared test configuration. Markers (host, netns, slow) are registered in pyproject.toml."""
