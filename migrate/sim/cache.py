@@ -1,0 +1,420 @@
+"""A virtually indexed, physically tagged (VIPT) L1 data cache, and page colouring.
+
+Geometry: ``size`` bytes in ``ways`` ways of ``line_size``-byte lines, so ``sets = size / (ways *
+line_size)``. The set index comes from the *virtual* address bits just above the line offset; the tag
+is the *physical* frame number (what real VIPT L1s compare after the TLB lookup that runs in
+parallel with indexing). While one way (``size / ways``) fits in a page, every index bit is a
+page-offset bit, identical in the virtual and the physical address: the cache behaves as if
+physically indexed and cannot alias. When a way is larger than a page, the index uses virtual bits
+above the page offset: the *colour* bits. ``colours = max(1, (size / ways) / page_size)``.
+
+Two virtual addresses of one physical line that differ in their colour bits (synonyms) index
+different sets, so the line can be cached twice. A store through one copy leaves the other stale:
+a later load through the other virtual address returns old data. The model detects and counts both
+(``stats["synonyms"]``, ``stats["stale_reads"]``) but, like the hardware it models, does not fix
+them; the cure is the OS's: page colouring, which keeps ``colour(vaddr) == colour(paddr)`` for every
+mapping so all mappings of a frame index the same sets. (Hennessy & Patterson, "Computer
+Architecture", appendix B.3, "avoiding address translation during indexing of the cache"; Linux
+does this on aliasing architectures with SHMLBA-aligned shared mappings, e.g.
+arch/arm/mm/mmap.c COLOUR_ALIGN, arch/sparc/kernel/sys_sparc_64.c.)
+
+x86 L1Ds are built so they never alias (a 32 KiB 8-way or 48 KiB 12-way L1D has 4 KiB ways: one
+colour); the aliasing geometries here are those of older ARM/MIPS/SPARC parts.
+
+Stores are write-back, write-allocate. Memory writes by anyone other than this cache (DMA, the page
+walker, uncached CPU stores) snoop it: dirty copies are written back, then all copies invalidated, as
+on a coherent x86 system.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+PAGE_SIZE = 4096
+CACHE_WRITER = "cache"
+
+
+class PhysicalMemoryPort(Protocol):
+    """What the cache needs from physical memory (``migrate.sim.physmem.PhysicalMemory`` fits)."""
+
+    def read(self, paddr: int, n: int) -> bytes: ...
+
+    def write(self, paddr: int, data: bytes | bytearray | memoryview, *,
+              writer: str = "cpu") -> None: ...
+
+
+def _is_pow2(n: int) -> bool:
+    return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheGeometry:
+    """Size, associativity and line size of a cache; everything else is derived."""
+
+    size: int
+    ways: int
+    line_size: int = 64
+    page_size: int = PAGE_SIZE
+
+    def __post_init__(self) -> None:
+        for name in ("size", "ways", "line_size", "page_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"cache {name} must be a positive int, got {value!r}")
+        for name in ("line_size", "page_size"):
+            if not _is_pow2(getattr(self, name)):
+                raise ValueError(f"cache {name} must be a power of two, got {getattr(self, name)}")
+        if self.line_size > self.page_size:
+            raise ValueError(f"line size {self.line_size} exceeds the page size {self.page_size}")
+        if self.size % (self.ways * self.line_size):
+            raise ValueError(f"a {self.size}-byte cache cannot hold a whole number of sets of "
+                             f"{self.ways} ways of {self.line_size}-byte lines")
+        # Ways need not be a power of two (48 KiB 12-way L1Ds exist), the number of sets must be:
+        # it is indexed by address bits.
+        if not _is_pow2(self.size // (self.ways * self.line_size)):
+            raise ValueError(f"{self.size} bytes / ({self.ways} ways x {self.line_size} B) gives "
+                             f"{self.size // (self.ways * self.line_size)} sets, not a power of two")
+
+    @property
+    def sets(self) -> int:
+        return self.size // (self.ways * self.line_size)
+
+    @property
+    def way_size(self) -> int:
+        return self.size // self.ways
+
+    @property
+    def colours(self) -> int:
+        """Page colours: how many pages one way spans (1 = no aliasing possible)."""
+        return max(1, self.way_size // self.page_size)
+
+    @property
+    def aliasing(self) -> bool:
+        return self.colours > 1
+
+    @property
+    def line_shift(self) -> int:
+        return self.line_size.bit_length() - 1
+
+    @property
+    def page_shift(self) -> int:
+        return self.page_size.bit_length() - 1
+
+    @property
+    def index_bits(self) -> tuple[int, int]:
+        """(lowest, highest) address bit used as the set index (inclusive); empty if one set."""
+        low = self.line_shift
+        return low, low + (self.sets.bit_length() - 1) - 1
+
+    def set_index(self, vaddr: int) -> int:
+        return (vaddr >> self.line_shift) & (self.sets - 1)
+
+    def colour(self, addr: int) -> int:
+        """The colour of a virtual or physical address: the index bits above the page offset."""
+        return (addr >> self.page_shift) & (self.colours - 1)
+
+    def describe(self) -> dict[str, int | bool]:
+        return {"size": self.size, "ways": self.ways, "line_size": self.line_size,
+                "page_size": self.page_size, "sets": self.sets, "way_size": self.way_size,
+                "colours": self.colours, "aliasing": self.aliasing}
+
+
+@dataclass(slots=True)
+class _Line:
+    pline: int          # physical line number (paddr >> line_shift); the tag is pline's frame bits
+    data: bytearray
+    dirty: bool
+    version: int        # the physical line's write version this copy holds
+
+
+@dataclass(slots=True)
+class SynonymEvent:
+    """One fill that found the same physical line already cached in another set."""
+
+    paddr: int
+    vaddr: int
+    set_index: int
+    other_sets: tuple[int, ...]
+
+
+@dataclass
+class VIPTCache:
+    """A VIPT, write-back L1 over a physical memory. Accesses give the virtual *and* the physical
+    address (the translation the TLB supplies in parallel with indexing)."""
+
+    geometry: CacheGeometry
+    memory: PhysicalMemoryPort
+    stats: dict[str, int] = field(default_factory=lambda: {
+        "reads": 0, "writes": 0, "hits": 0, "misses": 0, "fills": 0, "evictions": 0,
+        "writebacks": 0, "snoop_invalidations": 0, "synonyms": 0, "stale_reads": 0})
+    synonym_log: list[SynonymEvent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        g = self.geometry
+        # One LRU-ordered dict per set: tag (physical line number) -> line; oldest first.
+        self._sets: list[OrderedDict[int, _Line]] = [OrderedDict() for _ in range(g.sets)]
+        # Latest write version of each physical line, bumped by every store that reaches it.
+        self._version: dict[int, int] = {}
+        # Where each physical line currently sits: pline -> set indexes holding a copy.
+        self._where: dict[int, set[int]] = {}
+        self._unsubscribe: Callable[[], None] | None = None
+        on_write = getattr(self.memory, "on_write", None)
+        if callable(on_write):
+            self._unsubscribe = on_write(self._snoop)
+
+    @classmethod
+    def build(cls, memory: PhysicalMemoryPort, size: int = 32 * 1024, ways: int = 8,
+              line_size: int = 64, page_size: int = PAGE_SIZE) -> VIPTCache:
+        return cls(CacheGeometry(size, ways, line_size, page_size), memory)
+
+    # ----------------------------------------------------------------- geometry shortcuts
+    @property
+    def colours(self) -> int:
+        return self.geometry.colours
+
+    @property
+    def synonyms(self) -> int:
+        """Synonym fills counted so far (a physical line cached in a second set)."""
+        return self.stats["synonyms"]
+
+    def resident_synonyms(self) -> int:
+        """Physical lines that are cached in more than one set right now."""
+        return sum(1 for sets in self._where.values() if len(sets) > 1)
+
+    # ----------------------------------------------------------------- accesses
+    def _check(self, vaddr: int, paddr: int, n: int) -> None:
+        if not isinstance(vaddr, int) or not isinstance(paddr, int) or vaddr < 0 or paddr < 0:
+            raise ValueError(f"addresses must be non-negative ints, got {vaddr!r}, {paddr!r}")
+        mask = self.geometry.page_size - 1
+        if vaddr & mask != paddr & mask:
+            raise ValueError(f"vaddr {vaddr:#x} and paddr {paddr:#x} differ in their page offset: "
+                             "not a translation")
+        if n < 0:
+            raise ValueError(f"negative length {n}")
+
+    def _lookup(self, vaddr: int, pline: int, *, for_write: bool) -> _Line:
+        g = self.geometry
+        index = g.set_index(vaddr)
+        cset = self._sets[index]
+        line = cset.get(pline)
+        if line is not None:
+            self.stats["hits"] += 1
+            cset.move_to_end(pline)
+            if not for_write and line.version < self._version.get(pline, 0):
+                # The copy predates a store made through a synonym in another set.
+                self.stats["stale_reads"] += 1
+            return line
+        self.stats["misses"] += 1
+        if len(cset) >= g.ways:
+            victim_tag, victim = cset.popitem(last=False)
+            self.stats["evictions"] += 1
+            self._forget(victim_tag, index)
+            if victim.dirty:
+                self._writeback(victim)
+        paddr_line = pline << g.line_shift
+        data = bytearray(self.memory.read(paddr_line, g.line_size))
+        line = _Line(pline, data, False, self._version.get(pline, 0))
+        cset[pline] = line
+        self.stats["fills"] += 1
+        others = self._where.setdefault(pline, set())
+        if others:
+            self.stats["synonyms"] += 1
+            offset = paddr_line & (g.page_size - 1)
+            self.synonym_log.append(SynonymEvent(paddr_line, (vaddr & ~(g.page_size - 1)) | offset,
+                                                 index, tuple(sorted(others))))
+        others.add(index)
+        return line
+
+    def _forget(self, pline: int, index: int) -> None:
+        sets = self._where.get(pline)
+        if sets is not None:
+            sets.discard(index)
+            if not sets:
+                del self._where[pline]
+
+    def _writeback(self, line: _Line) -> None:
+        self.stats["writebacks"] += 1
+        self.memory.write(line.pline << self.geometry.line_shift, bytes(line.data),
+                          writer=CACHE_WRITER)
+
+    def read(self, vaddr: int, paddr: int, n: int) -> bytes:
+        """Load ``n`` bytes; ``paddr`` is the translation of ``vaddr`` (same page offset)."""
+        self._check(vaddr, paddr, n)
+        self.stats["reads"] += 1
+        g = self.geometry
+        out = bytearray()
+        while n > 0:
+            off = paddr & (g.line_size - 1)
+            chunk = min(n, g.line_size - off)
+            line = self._lookup(vaddr, paddr >> g.line_shift, for_write=False)
+            out += line.data[off:off + chunk]
+            vaddr += chunk
+            paddr += chunk
+            n -= chunk
+        return bytes(out)
+
+    def write(self, vaddr: int, paddr: int, data: bytes | bytearray) -> None:
+        """Store ``data`` (write-back, write-allocate): only the copy in vaddr's set changes."""
+        self._check(vaddr, paddr, len(data))
+        self.stats["writes"] += 1
+        g = self.geometry
+        pos = 0
+        while pos < len(data):
+            off = paddr & (g.line_size - 1)
+            chunk = min(len(data) - pos, g.line_size - off)
+            pline = paddr >> g.line_shift
+            line = self._lookup(vaddr, pline, for_write=True)
+            line.data[off:off + chunk] = data[pos:pos + chunk]
+            line.dirty = True
+            version = self._version.get(pline, 0) + 1
+            self._version[pline] = version
+            line.version = version
+            vaddr += chunk
+            paddr += chunk
+            pos += chunk
+
+    # ----------------------------------------------------------------- maintenance
+    def flush(self) -> int:
+        """Write back every dirty line and invalidate everything; returns lines written back.
+        (Dirty synonyms are written back in set order: the last one wins, as on real parts.)"""
+        written = 0
+        for cset in self._sets:
+            for line in cset.values():
+                if line.dirty:
+                    self._writeback(line)
+                    written += 1
+            cset.clear()
+        self._where.clear()
+        return written
+
+    def _snoop(self, paddr: int, n: int, writer: str) -> None:
+        """Physical memory is about to be written by someone else: write back and drop copies."""
+        if writer == CACHE_WRITER or n <= 0:
+            return
+        g = self.geometry
+        first, last = paddr >> g.line_shift, (paddr + n - 1) >> g.line_shift
+        if last - first + 1 > len(self._where):
+            plines = [p for p in self._where if first <= p <= last]
+        else:
+            plines = [p for p in range(first, last + 1) if p in self._where]
+        for pline in plines:
+            for index in sorted(self._where.get(pline, ())):
+                line = self._sets[index].pop(pline)
+                if line.dirty:
+                    self._writeback(line)
+                self.stats["snoop_invalidations"] += 1
+            self._where.pop(pline, None)
+            self._version[pline] = self._version.get(pline, 0) + 1
+
+    def detach(self) -> None:
+        """Stop snooping the memory (e.g. before replacing this cache with another)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def describe(self) -> dict[str, object]:
+        return {**self.geometry.describe(), "stats": dict(self.stats),
+                "resident_synonyms": self.resident_synonyms()}
+
+
+# ===================================================================== page colouring
+class ColourAllocator(Protocol):
+    """What the colouring picker needs from an allocator (``PhysicalMemory`` fits)."""
+
+    def alloc(self, order: int = 0, *, owner: str | None = None, **kw: object) -> object: ...
+
+    def free(self, pfn: int, order: int | None = None) -> None: ...
+
+    def frame(self, pfn: int) -> object: ...
+
+
+class PageColouring:
+    """A colour-aware frame picker: ``pick(colour, owner=...)`` returns a free frame whose colour
+    (pfn mod colours) is the one asked for.
+
+    Frames of other colours met on the way are kept in per-colour pools, like the per-colour free
+    lists of colouring allocators (FreeBSD's vm_phys, the Solaris page_freelists), and handed out
+    first next time. Pool frames are allocated from the buddy allocator under the owner
+    ``"colour-pool"``; ``release()`` gives them back. With ``enabled=False`` the picker is a plain
+    order-0 allocation (colour ignored).
+    """
+
+    POOL_OWNER = "colour-pool"
+
+    def __init__(self, geometry: CacheGeometry, memory: ColourAllocator, *,
+                 enabled: bool = True) -> None:
+        self.geometry = geometry
+        self.memory = memory
+        self.enabled = enabled
+        self._pools: dict[int, list[int]] = {c: [] for c in range(geometry.colours)}
+        self.stats = {"picks": 0, "pooled": 0, "from_pool": 0}
+
+    @property
+    def colours(self) -> int:
+        return self.geometry.colours
+
+    def colour_of_pfn(self, pfn: int) -> int:
+        return pfn & (self.geometry.colours - 1)
+
+    def colour_of_vaddr(self, vaddr: int) -> int:
+        return self.geometry.colour(vaddr)
+
+    def pick(self, colour: int | None, *, owner: str | None = None, kind: str = "") -> int:
+        """Allocate one frame of ``colour`` (None or colouring off: any colour)."""
+        self.stats["picks"] += 1
+        if not self.enabled or colour is None or self.colours == 1:
+            return self._alloc(owner, kind)
+        if not isinstance(colour, int) or not 0 <= colour < self.colours:
+            raise ValueError(f"colour must be in 0..{self.colours - 1}, got {colour!r}")
+        pool = self._pools[colour]
+        if pool:
+            pfn = pool.pop()
+            self.stats["from_pool"] += 1
+            frame = self.memory.frame(pfn)
+            frame.owner = owner  # type: ignore[attr-defined]
+            frame.kind = kind  # type: ignore[attr-defined]
+            return pfn
+        for _ in range(self.colours * 4):
+            pfn = self._alloc(owner, kind)
+            if self.colour_of_pfn(pfn) == colour:
+                return pfn
+            frame = self.memory.frame(pfn)
+            frame.owner = self.POOL_OWNER  # type: ignore[attr-defined]
+            self._pools[self.colour_of_pfn(pfn)].append(pfn)
+            self.stats["pooled"] += 1
+        raise RuntimeError(f"no frame of colour {colour} found in {self.colours * 4} allocations")
+
+    def pick_for(self, vaddr: int, *, owner: str | None = None, kind: str = "") -> int:
+        """A frame whose colour matches the virtual address it will be mapped at."""
+        return self.pick(self.colour_of_vaddr(vaddr), owner=owner, kind=kind)
+
+    def _alloc(self, owner: str | None, kind: str) -> int:
+        pfn = self.memory.alloc(0, owner=owner, kind=kind)
+        assert isinstance(pfn, int)
+        return pfn
+
+    def pooled(self) -> int:
+        return sum(len(p) for p in self._pools.values())
+
+    def release(self) -> int:
+        """Return every pooled frame to the allocator; returns how many."""
+        n = 0
+        for pool in self._pools.values():
+            while pool:
+                self.memory.free(pool.pop())
+                n += 1
+        return n
+
+    def align_address(self, addr: int, colour: int) -> int:
+        """The lowest page-aligned address >= ``addr`` whose colour is ``colour`` (what an
+        aliasing architecture's ``arch_get_unmapped_area`` does for shared mappings: COLOUR_ALIGN
+        to SHMLBA plus the file offset's colour)."""
+        page = self.geometry.page_size
+        addr = (addr + page - 1) & ~(page - 1)
+        if self.colours == 1:
+            return addr
+        delta = (colour - self.geometry.colour(addr)) % self.colours
+        return addr + delta * page

@@ -1,0 +1,174 @@
+"""The VIPT L1 model and page colouring.
+
+Rules checked (Hennessy & Patterson, Computer Architecture 6th ed., appendix B.3 "Avoiding address
+translation during indexing of the cache"; the colouring argument of the source document):
+- the set index comes from virtual-address bits, the tag from the physical frame;
+- colours = max(1, (size / ways) / page size); a way no larger than a page cannot alias;
+- synonyms (one physical line, two virtual colours) land in two sets and a store through one leaves
+  the other stale;
+- with colouring (colour(vaddr) == colour(paddr) for every mapping) synonyms never happen.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from migrate.sim.cache import CacheGeometry, PageColouring, VIPTCache
+from migrate.sim.physmem import PAGE_SIZE, PhysicalMemory
+
+
+@pytest.mark.parametrize(
+    ("size", "ways", "colours"),
+    [
+        (32 * 1024, 8, 1),    # typical x86 L1D (Intel since Nehalem): 4 KiB per way
+        (48 * 1024, 12, 1),   # Golden Cove / Zen 5 style L1D: 4 KiB per way
+        (16 * 1024, 4, 1),
+        (32 * 1024, 4, 2),    # 8 KiB ways: one colour bit (e.g. ARM Cortex-A9 32 KiB 4-way)
+        (64 * 1024, 2, 8),    # 32 KiB ways: three colour bits
+        (4 * 1024, 1, 1),     # direct-mapped, one page
+        (32 * 1024, 1, 8),    # direct-mapped 32 KiB
+    ],
+)
+def test_colours_follow_from_geometry(size: int, ways: int, colours: int) -> None:
+    g = CacheGeometry(size, ways, 64)
+    assert g.colours == colours
+    assert g.aliasing is (colours > 1)
+    assert g.sets * g.ways * g.line_size == size
+
+
+def test_index_bits_are_virtual_bits_above_the_line_offset() -> None:
+    g = CacheGeometry(32 * 1024, 4, 64)        # 128 sets: index = bits 6..12
+    assert g.sets == 128
+    assert g.index_bits == (6, 12)
+    assert g.set_index(0x1000) == 0x40          # bit 12 is an index bit: a colour bit
+    assert g.colour(0x1000) == 1 and g.colour(0x2000) == 0
+
+
+@pytest.mark.parametrize("bad", [{"size": 3000, "ways": 4}, {"size": 32768, "ways": 3},
+                                 {"size": 0, "ways": 1}, {"size": 3 * 4096, "ways": 1},
+                                 {"size": 32768, "ways": 8, "line_size": 48},
+                                 {"size": 256, "ways": 8, "line_size": 64}])
+def test_bad_geometry_is_a_clear_error(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        CacheGeometry(**bad)
+
+
+def test_access_with_mismatched_page_offset_is_rejected() -> None:
+    mem = PhysicalMemory(1 << 20)
+    cache = VIPTCache.build(mem, 32 * 1024, 4)
+    with pytest.raises(ValueError, match="page offset"):
+        cache.read(0x1004, 0x5008, 4)
+
+
+def _two_synonyms(mem: PhysicalMemory, geometry: tuple[int, int]) -> tuple[VIPTCache, int, int, int]:
+    cache = VIPTCache.build(mem, *geometry)
+    pfn = mem.alloc(owner="shared")
+    assert isinstance(pfn, int)
+    paddr = pfn * PAGE_SIZE
+    va1 = 0x10_0000                     # colour 0
+    va2 = 0x20_0000 + PAGE_SIZE         # colour 1 on a 2-colour cache
+    return cache, paddr, va1, va2
+
+
+def test_synonyms_on_an_aliasing_cache_give_a_stale_read() -> None:
+    mem = PhysicalMemory(1 << 20)
+    cache, paddr, va1, va2 = _two_synonyms(mem, (32 * 1024, 4))   # 2 colours
+    mem.write(paddr, b"old!")
+    assert cache.read(va1, paddr, 4) == b"old!"
+    assert cache.read(va2, paddr, 4) == b"old!"
+    # The same physical line now lives in two sets.
+    assert cache.synonyms == 1
+    assert cache.resident_synonyms() == 1
+    assert cache.geometry.set_index(va1) != cache.geometry.set_index(va2)
+    cache.write(va1, paddr, b"new!")
+    assert cache.read(va1, paddr, 4) == b"new!"
+    stale = cache.read(va2, paddr, 4)
+    assert stale == b"old!"                      # the coherency problem synonyms cause
+    assert cache.stats["stale_reads"] == 1
+
+
+def test_same_access_pattern_on_a_non_aliasing_cache_is_coherent() -> None:
+    mem = PhysicalMemory(1 << 20)
+    cache, paddr, va1, va2 = _two_synonyms(mem, (32 * 1024, 8))   # 1 colour (x86-like)
+    mem.write(paddr, b"old!")
+    cache.read(va1, paddr, 4)
+    cache.read(va2, paddr, 4)
+    assert cache.geometry.set_index(va1) == cache.geometry.set_index(va2)
+    cache.write(va1, paddr, b"new!")
+    assert cache.read(va2, paddr, 4) == b"new!"
+    assert cache.synonyms == 0 and cache.stats["stale_reads"] == 0
+
+
+def test_write_back_reaches_memory_only_on_eviction_or_flush() -> None:
+    mem = PhysicalMemory(1 << 20)
+    cache = VIPTCache.build(mem, 32 * 1024, 8)
+    pfn = mem.alloc(owner="t")
+    assert isinstance(pfn, int)
+    cache.write(0x4000, pfn * PAGE_SIZE, b"dirty")
+    assert mem.read(pfn * PAGE_SIZE, 5) == bytes(5)
+    assert cache.flush() == 1
+    assert mem.read(pfn * PAGE_SIZE, 5) == b"dirty"
+
+
+def test_lru_eviction_within_a_set() -> None:
+    mem = PhysicalMemory(1 << 22)
+    cache = VIPTCache.build(mem, 4 * 1024, 2, 64)     # 32 sets, 2 ways
+    stride = cache.geometry.way_size                   # same set, different tags
+    for i in range(3):
+        cache.read(i * stride, i * stride, 1)
+    assert cache.stats["evictions"] == 1
+    cache.read(2 * stride, 2 * stride, 1)
+    cache.read(1 * stride, 1 * stride, 1)
+    assert cache.stats["hits"] == 2
+    cache.read(0, 0, 1)                                # evicted first: a miss again
+    assert cache.stats["misses"] == 4
+
+
+def test_dma_write_snoops_the_cache() -> None:
+    # x86 DMA is coherent: an external write invalidates cached copies (after writing back dirty
+    # ones), so the CPU then reads what the device wrote.
+    mem = PhysicalMemory(1 << 20)
+    cache = VIPTCache.build(mem, 32 * 1024, 8)
+    pfn = mem.alloc(owner="t")
+    assert isinstance(pfn, int)
+    pa = pfn * PAGE_SIZE
+    cache.write(0x7000, pa, b"cpu")
+    mem.write(pa + 8, b"dev", writer="dev:nic")
+    assert cache.stats["snoop_invalidations"] == 1
+    assert mem.read(pa, 3) == b"cpu"                    # written back before the DMA landed
+    assert cache.read(0x7000, pa + 0, 3) == b"cpu"
+    assert cache.read(0x7008, pa + 8, 3) == b"dev"
+
+
+def test_colouring_picker_returns_frames_of_the_requested_colour() -> None:
+    mem = PhysicalMemory(1 << 22)
+    g = CacheGeometry(64 * 1024, 2)            # 8 colours
+    picker = PageColouring(g, mem)
+    for colour in [3, 0, 7, 3, 5, 1, 1, 6]:
+        pfn = picker.pick(colour, owner="p")
+        assert pfn % 8 == colour
+        assert mem.frame(pfn).owner == "p"
+    assert picker.stats["from_pool"] > 0       # frames met on the way are reused, not leaked
+    pooled = picker.pooled()
+    assert picker.release() == pooled and picker.pooled() == 0
+
+
+def test_colouring_off_ignores_colour_and_bad_colour_is_rejected() -> None:
+    mem = PhysicalMemory(1 << 22)
+    g = CacheGeometry(64 * 1024, 2)
+    picker = PageColouring(g, mem)
+    with pytest.raises(ValueError, match="colour"):
+        picker.pick(8)
+    off = PageColouring(g, mem, enabled=False)
+    first = off.pick(5)
+    assert off.pick(5) == first + 1             # plain buddy order: lowest free frame next
+
+
+def test_align_address_gives_the_colour_asked_for() -> None:
+    mem = PhysicalMemory(1 << 22)
+    g = CacheGeometry(64 * 1024, 2)
+    picker = PageColouring(g, mem)
+    for colour in range(8):
+        addr = picker.align_address(0x7000_1234, colour)
+        assert addr >= 0x7000_1234 and addr % PAGE_SIZE == 0
+        assert g.colour(addr) == colour
