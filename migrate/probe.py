@@ -27,6 +27,8 @@ __all__ = [
     "NativeHandler",
     "ProbeResult",
     "Toucher",
+    "fork_paused",
+    "fork_touch",
     "gettid",
     "now_ns",
     "probe",
@@ -223,3 +225,17 @@ class NativeHandler:
         if self._handle is not None:
             self.stop()
 
+
+
+def fork_touch(target: Sequence[int] | tuple[int, int, int] | Any, write: bool = False,
+               out_fd: int = -1) -> int:
+    """fork() in C; the child touches the pages, writes the byte it read at each to ``out_fd``
+    and exits. Returns the child's pid (reap it with os.waitpid). The call runs without the GIL,
+    so a Python thread can read the FORK event the kernel makes fork() wait for."""
+    arr, n = _addresses(target)
+    return check(lib.mig_fork_touch(arr, n, 1 if write else 0, out_fd), "fork")
+
+
+def fork_paused() -> int:
+    """fork() a child that just sleeps (it shares nothing with Python); kill and reap it."""
+    return check(lib.mig_fork_pause(), "fork")

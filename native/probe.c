@@ -322,4 +322,39 @@ int64_t mig_handler_stop(struct mig_handler *h)
 	return result;
 }
 
+int mig_fork_touch(const uint64_t *addrs, uint64_t n, int write_access, int out_fd)
+{
+	pid_t pid = fork();
+	if (pid < 0)
+		return -errno;
+	if (pid == 0) {
+		/* Child of a multithreaded parent: only async-signal-safe calls from here on. */
+		uint8_t buf[256];
+		uint64_t i = 0;
+		while (i < n) {
+			uint64_t k = 0;
+			for (; k < sizeof(buf) && i < n; k++, i++) {
+				mig_touch_one(addrs[i], write_access);
+				buf[k] = *(volatile uint8_t *)(uintptr_t)addrs[i];
+			}
+			if (out_fd >= 0 && write(out_fd, buf, k) != (ssize_t)k)
+				_exit(2);
+		}
+		_exit(0);
+	}
+	return pid;
+}
+
+int mig_fork_pause(void)
+{
+	pid_t pid = fork();
+	if (pid < 0)
+		return -errno;
+	if (pid == 0) {
+		for (;;)
+			pause();
+	}
+	return pid;
+}
+
 #endif /* MIG_PROBE_C */

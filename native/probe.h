@@ -50,3 +50,11 @@ struct mig_handler;
 struct mig_handler *mig_handler_start(int uffd, uint64_t src, uint64_t page_size);
 /* Stops and frees the handler; returns the faults it served (or -errno of its first error). */
 int64_t mig_handler_stop(struct mig_handler *h);
+
+/* fork() from C (no Python runs in the child). The child touches addrs[i] in order (read a byte,
+ * or a locked add of zero), writes the n bytes it read to out_fd, then _exit(0)s. Returns the
+ * child's pid or -errno. With EVENT_FORK on a registered range, fork() itself blocks until the
+ * parent's handler reads the FORK event, so call this from a thread other than the handler's. */
+int mig_fork_touch(const uint64_t *addrs, uint64_t n, int write, int out_fd);
+/* fork() a child that only waits for a signal (for process_vm_* and PAGEMAP_SCAN on a pid). */
+int mig_fork_pause(void);
