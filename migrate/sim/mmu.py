@@ -272,6 +272,8 @@ class Core:
             if name == "cr4_pge" or (name == "cr4_pcide" and not new_b) or name == "cr4_la57":
                 self.tlb.flush_pcid(None, keep_global=False)
                 self.tlb.flush_pscs(None)
+                if name == "cr4_pcide":
+                    self._pcid = 0  # CR3[11:0] are PWT/PCD again; entries are tagged PCID 000H
             elif name == "cr4_smep" and new_b:
                 self.tlb.flush_pcid(self._pcid, keep_global=True)
                 self.tlb.flush_pscs(self._pcid)
