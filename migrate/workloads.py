@@ -234,7 +234,7 @@ class Workload:
     def _writable_pointer(buffer: Any) -> Any:
         try:
             pointer = ffi.from_buffer("uint8_t[]", buffer, require_writable=True)
-        except TypeError as exc:
+        except (TypeError, BufferError) as exc:
             raise TypeError(
                 f"a workload needs a writable buffer (mmap, bytearray): {exc}"
             ) from None
