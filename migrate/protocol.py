@@ -53,6 +53,7 @@ class MsgType(enum.IntEnum):
     VERIFIED = 12
     ERROR = 13
     BYE = 14
+    REPORT = 15
 
 
 class Batch(enum.IntEnum):
@@ -94,6 +95,7 @@ def _u(bits: int = 64) -> tuple[str, int]:
 class Message:
     TYPE: ClassVar[MsgType]
     _schema: ClassVar[dict[str, tuple[str, Any]]]
+    HAS_DATA: ClassVar[bool] = False  # a raw data frame follows the header
 
     def header_fields(self) -> list[Any]:
         return [getattr(self, f.name) for f in fields(self) if f.name != "data"]
@@ -152,6 +154,7 @@ class Pages(Message):
     pages in index order. ``request`` ties a DEMAND reply to its REQUEST (0 otherwise)."""
 
     TYPE = MsgType.PAGES
+    HAS_DATA = True
     seq: int
     kind: int
     request: int
@@ -250,12 +253,21 @@ class PushDone(Message):
 @dataclass(frozen=True)
 class Complete(Message):
     """Dest -> source (urgent): every page is present; ``received_digest`` covers the bytes as
-    received (page hashes of the last version of each page), to compare with the source's copy."""
+    installed (page hashes of the version each page holds), to compare with the source's copy.
+    ``data`` is those page hashes (packed little-endian uint64, one per page), so a mismatch can
+    be traced to the exact pages."""
 
     TYPE = MsgType.COMPLETE
+    HAS_DATA = True
     pages: int
     received_digest: str
+    data: Any = field(default=b"", compare=False, repr=False)
     _schema = {"pages": _u(32), "received_digest": ("str", MAX_STRING)}
+
+    def hash_array(self) -> array:
+        out = array("Q")
+        out.frombytes(bytes(self.data.buffer if hasattr(self.data, "buffer") else self.data))
+        return out
 
 
 @dataclass(frozen=True)
@@ -283,10 +295,19 @@ class Bye(Message):
     _schema = {"reason": ("str", MAX_STRING)}
 
 
+@dataclass(frozen=True)
+class Report(Message):
+    """Dest -> source (urgent), after VERIFIED: the destination's figures and final digests."""
+
+    TYPE = MsgType.REPORT
+    body: dict
+    _schema = {"body": ("report", None)}
+
+
 MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, Refuse, Pages, RoundEnd, Ack, Switchover, Resumed, Request,
-                PushDone, Complete, Verified, Error, Bye)
+                PushDone, Complete, Verified, Error, Bye, Report)
 }
 
 
@@ -303,8 +324,8 @@ def _unpack_indexes(packed: bytes) -> array:
 def encode(msg: Message) -> list[Any]:
     """Frames for ``msg``: the msgpack header, plus the data frame for PAGES."""
     header = msgpack.packb([int(msg.TYPE), *msg.header_fields()], use_bin_type=True)
-    if isinstance(msg, Pages):
-        return [header, msg.data]
+    if msg.HAS_DATA:
+        return [header, msg.data]  # type: ignore[attr-defined]
     return [header]
 
 
@@ -338,7 +359,7 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
     for name, value in zip(names, raw[1:]):
         kind, arg = cls._schema[name]
         values[name] = _check_field(cls.TYPE.name, name, kind, arg, value, limits)
-    expected_frames = 2 if cls is Pages else 1
+    expected_frames = 2 if cls.HAS_DATA else 1
     if len(frames) != expected_frames:
         raise ProtocolError(f"{cls.TYPE.name}: expected {expected_frames} frames, got {len(frames)}")
     if cls is Pages:
@@ -346,7 +367,17 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
         msg = Pages(**values)
         _check_pages(msg, limits)
         return msg
+    if cls is Complete:
+        size = _frame_len(frames[1])
+        if size != 8 * limits.npages or values["pages"] != limits.npages:
+            raise ProtocolError(f"COMPLETE: {values['pages']} pages and {size} bytes of page "
+                                f"hashes for a region of {limits.npages} pages")
+        values["data"] = frames[1]
     return cls(**values)
+
+
+def _frame_len(frame: Any) -> int:
+    return len(frame.buffer if hasattr(frame, "buffer") else memoryview(frame))
 
 
 def _check_field(mtype: str, name: str, kind: str, arg: Any, value: Any, limits: Limits) -> Any:
@@ -389,6 +420,10 @@ def _check_field(mtype: str, name: str, kind: str, arg: Any, value: Any, limits:
                 isinstance(f, str) and len(f) <= 64 for f in value):
             raise ProtocolError(f"{where}: expected a list of feature names")
         return value  # unknown names are ignored by negotiation, not refused: forward compatible
+    if kind == "report":
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ProtocolError(f"{where}: expected a map with string keys")
+        return value
     if kind == "workload":
         return _check_workload(where, value)
     if kind in ("indexes", "discard"):
@@ -427,8 +462,7 @@ def _check_pages(msg: Pages, limits: Limits) -> None:
     if max(msg.zero) > 1:
         raise ProtocolError(f"PAGES: zero flag {max(msg.zero)} is not 0 or 1")
     zeros = msg.zero.count(1)
-    data = msg.data
-    size = len(data.buffer if hasattr(data, "buffer") else memoryview(data))
+    size = _frame_len(msg.data)
     expected = (n - zeros) * limits.page_size
     if size != expected:
         raise ProtocolError(
@@ -478,6 +512,7 @@ TRANSITIONS: dict[tuple[State, Side, MsgType], State] = {
     (State.COMPLETING, S, MsgType.PUSH_DONE): State.COMPLETING,
     (State.COMPLETING, D, MsgType.ACK): State.COMPLETING,
     (State.COMPLETING, S, MsgType.VERIFIED): State.DONE,
+    (State.DONE, D, MsgType.REPORT): State.DONE,
     (State.DONE, S, MsgType.BYE): State.DONE,
     (State.DONE, D, MsgType.BYE): State.DONE,
 }

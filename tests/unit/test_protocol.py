@@ -66,7 +66,7 @@ def test_full_lifecycle_reaches_done():
         (p.Request(1, 7, 4), dst),
         (p.Pages.build(2, p.Batch.DEMAND, [7], [0], b"z" * 4096, request=1), src),
         (p.PushDone(3, NPAGES), src),
-        (p.Complete(NPAGES, "d"), dst),
+        (p.Complete(NPAGES, "d", bytes(8 * NPAGES)), dst),
         (p.Verified("d", True), src),
         (p.Bye("done"), src),
     ]:
@@ -77,7 +77,7 @@ def test_full_lifecycle_reaches_done():
 
 @pytest.mark.parametrize("bad", [
     lambda: p.Request(1, 0, 0),  # a fault request before switchover
-    lambda: p.Complete(1, "x"),
+    lambda: p.Complete(NPAGES, "x", bytes(8 * NPAGES)),
     lambda: p.Verified("x", True),
 ])
 def test_out_of_order_messages_are_refused_by_the_receiver(bad):

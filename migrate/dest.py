@@ -1,0 +1,548 @@
+"""The destination daemon: receives guests, serves their faults from the network, installs pages.
+
+One listening ROUTER takes HELLOs. Each migration gets a ``DestSession`` in its own thread:
+
+1. pre-start a guest process on an empty region registered for MISSING faults (so downtime is not
+   a process spawn) and adopt its uffd;
+2. bind the per-session urgent and bulk channels and answer WELCOME;
+3. install pre-copy pages as they arrive (UFFDIO_COPY for a page seen the first time, straight
+   from the received frame; process_vm_writev for a page sent again because it was written since);
+4. at SWITCHOVER, install every bulk message up to the named sequence number, have the guest drop
+   the discarded pages, let it run, answer RESUMED;
+5. post-copy: one thread polls the uffd and both channels; a fault becomes a REQUEST, its reply is
+   installed with UFFDIO_COPY (DONTWAKE per page, one WAKE per run); pushed pages are installed the
+   same way; EEXIST (a race between push and fault) is success;
+6. when every page is present: COMPLETE with the digest of the pages as received, then wait for
+   the guest to finish its workload and compare its digest with a reference run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from migrate import digest, memory, protocol, transport, uffd
+from migrate.errors import MigrateError, MigrationError, ProtocolError
+from migrate.guest import GuestError, GuestHandle
+from migrate.protocol import Batch, MsgType
+from migrate.stats import LatencyRecorder
+
+ZERO_PAGE_HASH = digest.page_hashes(bytes(4096))[0]
+FAULT_AROUND = 8  # pages asked for beyond the faulting one; the source sends only unsent ones
+DEFAULT_PEER_TIMEOUT_S = 30.0
+
+
+@dataclass
+class DestOptions:
+    listen: str
+    keys: transport.CurveKeys | None = None
+    allowed_clients: list[bytes] | None = None
+    cpu: int | None = None
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+    verify_reference: bool = True
+    fault_around: int = FAULT_AROUND
+    max_migrations: int | None = None
+    json_reports: bool = False
+
+
+@dataclass
+class SessionReport:
+    ok: bool = False
+    phase: str = "handshake"
+    error: str | None = None
+    workload: dict[str, Any] = field(default_factory=dict)
+    mode: str = ""
+    pages: dict[str, int] = field(default_factory=lambda: {
+        "precopy": 0, "resent": 0, "pushed": 0, "demand": 0, "zero": 0, "discarded": 0})
+    faults: int = 0
+    fault_latency: LatencyRecorder = field(default_factory=LatencyRecorder)
+    resume_ns: int = 0
+    received_digest: str = ""
+    source_digest: str = ""
+    transfer_ok: bool = False
+    digest: str = ""
+    reference_digest: str = ""
+    guest_ops: int = 0
+    postcopy_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "phase": self.phase, "error": self.error, "mode": self.mode,
+            "workload": self.workload, "pages": dict(self.pages), "faults": self.faults,
+            "fault_latency_us": self.fault_latency.report(), "resume_ns": self.resume_ns,
+            "received_digest": self.received_digest, "source_digest": self.source_digest,
+            "transfer_ok": self.transfer_ok, "digest": self.digest,
+            "reference_digest": self.reference_digest, "guest_ops": self.guest_ops,
+            "postcopy_s": round(self.postcopy_s, 4),
+        }
+
+
+class DestSession:
+    """One incoming migration."""
+
+    def __init__(self, daemon: "DestDaemon", router_id: bytes, hello_frames: list[Any]) -> None:
+        self.daemon = daemon
+        self.opts = daemon.opts
+        self.router_id = router_id
+        self.conn = protocol.Connection(protocol.Side.DEST)
+        self.report = SessionReport()
+        self.guest: GuestHandle | None = None
+        self.fd: uffd.Userfaultfd | None = None
+        self.urgent: zmq.Socket | None = None
+        self.bulk: zmq.Socket | None = None
+        self.hello_frames = hello_frames
+        self.present = bytearray()
+        self.present_count = 0
+        self.hashes = array("Q")
+        self.pending: dict[int, tuple[int, int]] = {}  # page index -> (request id, t_ns)
+        self.next_request = 1
+        self.bulk_seq = 0
+        self.guest_done: dict[str, Any] | None = None
+        self.completed_sent = False
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def handshake(self) -> bool:
+        try:
+            hello = self.conn.receive(self.hello_frames)
+        except ProtocolError as exc:
+            self.daemon.log(f"refused a HELLO: {exc}")
+            self.report.error = str(exc)
+            return False
+        assert isinstance(hello, protocol.Hello)
+        self.hello = hello
+        self.report.workload = dict(hello.workload)
+        self.report.mode = hello.mode
+        self.base = 0
+        self.page = hello.page_size
+        self.npages = hello.npages
+        try:
+            self.guest = GuestHandle("dest", hello.npages * hello.page_size,
+                                     backing=hello.backing, workload=hello.workload["name"],
+                                     seed=hello.workload["seed"], ops=hello.workload["ops"])
+        except (GuestError, OSError) as exc:
+            self._refuse(f"could not start a guest here: {exc}")
+            return False
+        layout = self.guest.layout
+        if layout.size != hello.npages * hello.page_size or layout.page_size != hello.page_size:
+            self._refuse(f"guest region {layout.size} bytes does not match the source's")
+            return False
+        self.base = layout.address
+        self.fd = uffd.Userfaultfd.adopt(self.guest.uffd_fd, uffd.Feature(layout.features))
+        self.guest.uffd_fd = -1  # owned by self.fd now
+        self.present = bytearray(self.npages)
+        self.hashes = array("Q", bytes(8 * self.npages))
+        host = transport.host_of(self.opts.listen)
+        self.urgent, urgent_ep = transport.bind_channel(self.daemon.ctx, host, self.opts.keys)
+        self.bulk, bulk_ep = transport.bind_channel(self.daemon.ctx, host, self.opts.keys)
+        welcome = protocol.Welcome(protocol.PROTOCOL_VERSION, hello.session, urgent_ep, bulk_ep,
+                                   protocol.negotiate_features(hello.features))
+        self.daemon.reply(self.router_id, self.conn.send(welcome))
+        self.report.phase = "precopy"
+        return True
+
+    def _refuse(self, reason: str) -> None:
+        self.report.error = reason
+        self.daemon.log(f"refused migration: {reason}")
+        try:
+            frames = self.conn.send(protocol.Refuse(self.hello.session, reason))
+            self.daemon.reply(self.router_id, frames)
+        except ProtocolError:
+            pass
+
+    # -- installing pages -------------------------------------------------------------------
+
+    def install(self, msg: protocol.Pages, *, wake: bool) -> int:
+        """Install a batch. New pages go in with UFFDIO_COPY/ZEROPAGE straight from the frame; pages
+        already present (sent again after being written) are overwritten in the guest's memory.
+        Returns how many pages became present."""
+        assert self.fd is not None and self.guest is not None
+        idx = msg.index_array()
+        zero = msg.zero
+        buf = msg.data.buffer if hasattr(msg.data, "buffer") else memoryview(msg.data)
+        page, base, present = self.page, self.base, self.present
+        # Only a pre-copy batch may overwrite a present page (it was written at the source after
+        # it was sent). After switchover the guest owns present pages: a late copy is dropped.
+        overwrite = msg.kind in (Batch.PRECOPY, Batch.FINAL)
+        new_addrs, new_off = array("Q"), []
+        new_zero = array("Q")
+        old_addrs, old_off = array("Q"), []
+        old_zero = array("Q")
+        off = 0
+        for i, p in enumerate(idx):
+            if zero[i]:
+                if not present[p]:
+                    new_zero.append(base + p * page)
+                elif overwrite:
+                    old_zero.append(base + p * page)
+                continue
+            if present[p]:
+                if overwrite:
+                    old_addrs.append(base + p * page)
+                    old_off.append(off)
+            else:
+                new_addrs.append(base + p * page)
+                new_off.append(off)
+            off += page
+        installed = 0
+        if new_addrs:
+            if len(new_off) == off // page:  # every data page is new: the frame is already in order
+                installed += self.fd.copy_pages(new_addrs, buf, page, wake=wake)
+            else:
+                gathered = b"".join(buf[o:o + page] for o in new_off)
+                installed += self.fd.copy_pages(new_addrs, gathered, page, wake=wake)
+        if new_zero:
+            installed += self.fd.zero_pages(new_zero, page, wake=wake)
+        if old_addrs:
+            data = b"".join(buf[o:o + page] for o in old_off)
+            self._overwrite(old_addrs, data)
+        if old_zero:
+            self._overwrite(old_zero, bytes(page * len(old_zero)))
+        # Remember what is installed (hash of the version each page holds) for the transfer check:
+        # after switchover a page already present keeps the version it got first.
+        if off:
+            data_hashes = digest.page_hashes(buf[:off], page)
+        k = 0
+        hashes, zero_hash = self.hashes, ZERO_PAGE_HASH
+        for i, p in enumerate(idx):
+            if zero[i]:
+                h = zero_hash
+            else:
+                h = data_hashes[k]
+                k += 1
+            if not present[p]:
+                present[p] = 1
+                self.present_count += 1
+                hashes[p] = h
+            elif overwrite:
+                hashes[p] = h
+        n = len(idx)
+        nz = zero.count(1)
+        self.report.pages["zero"] += nz
+        kind = msg.kind
+        if kind == Batch.DEMAND:
+            self.report.pages["demand"] += n
+        elif kind == Batch.PUSH:
+            self.report.pages["pushed"] += n
+        else:
+            self.report.pages["precopy"] += n - len(old_addrs) - len(old_zero)
+            self.report.pages["resent"] += len(old_addrs) + len(old_zero)
+        return installed
+
+    def _overwrite(self, addrs: array, data: bytes) -> None:
+        assert self.guest is not None
+        done = memory.write_process_pages(self.guest.pid, addrs, self.page, data)
+        if done != len(data):
+            raise MigrationError(self.report.phase,
+                                 f"process_vm_writev wrote {done} of {len(data)} bytes into the "
+                                 f"guest (first page {addrs[0]:#x})")
+
+    # -- the session loop -------------------------------------------------------------------
+
+    def run(self) -> SessionReport:
+        try:
+            if not self.handshake():
+                return self.report
+            self._loop()
+        except (MigrateError, OSError, zmq.ZMQError) as exc:
+            self._fail(exc)
+        finally:
+            self._cleanup()
+        return self.report
+
+    def _fail(self, exc: BaseException) -> None:
+        phase = self.report.phase
+        cause = f"{type(exc).__name__}: {exc}"
+        self.report.error = cause
+        self.report.ok = False
+        self.daemon.log(f"migration failed during {phase}: {cause}")
+        if self.urgent is not None and not self.conn.finished:
+            try:
+                frames = self.conn.send(protocol.Error(phase, cause[:protocol.MAX_STRING]))
+                transport.send_frames(self.urgent, frames, flags=zmq.NOBLOCK)
+            except (ProtocolError, zmq.ZMQError):
+                pass
+
+    def _cleanup(self) -> None:
+        if self.guest is not None:
+            if not self.report.ok:
+                self.guest.kill()  # never leave a guest waiting on a fault nobody will serve
+            self.guest.close()
+        if self.fd is not None:
+            self.fd.close()
+        for sock in (self.urgent, self.bulk):
+            if sock is not None:
+                sock.close(linger=0)
+
+    def _recv(self, sock: zmq.Socket) -> protocol.Message:
+        return self.conn.receive(transport.recv_frames(sock))
+
+    def _send(self, sock: zmq.Socket, msg: protocol.Message) -> None:
+        transport.send_frames(sock, self.conn.send(msg))
+
+    def _loop(self) -> None:
+        assert self.fd is not None and self.guest is not None
+        assert self.urgent is not None and self.bulk is not None
+        poller = zmq.Poller()
+        poller.register(self.urgent, zmq.POLLIN)
+        poller.register(self.bulk, zmq.POLLIN)
+        poller.register(self.fd.fileno(), zmq.POLLIN)
+        poller.register(self.guest.fileno(), zmq.POLLIN)
+        urgent, bulk, uffd_fd, guest_fd = self.urgent, self.bulk, self.fd.fileno(), self.guest.fileno()
+        last_heard = time.monotonic()
+        timeout_s = self.opts.peer_timeout_s
+        while True:
+            ready = dict(poller.poll(250))
+            now = time.monotonic()
+            if not ready:
+                if self.guest_done is not None and self.completed_sent and self.conn.finished:
+                    break
+                if now - last_heard > timeout_s and not self.conn.finished:
+                    raise MigrationError(self.report.phase,
+                                         f"no word from the source for {timeout_s:.0f} s")
+                if not self.guest.alive():
+                    raise MigrationError(self.report.phase, "the guest died")
+                continue
+            if uffd_fd in ready:
+                self._on_faults()
+            if urgent in ready:
+                last_heard = now
+                while True:
+                    try:
+                        frames = transport.recv_frames(urgent, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if self._on_urgent(self.conn.receive(frames)):
+                        return
+            if bulk in ready:
+                last_heard = now
+                # One bulk message per turn: a fault reply never waits behind more than one.
+                try:
+                    frames = transport.recv_frames(bulk, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    frames = None
+                if frames is not None:
+                    self._on_bulk(self.conn.receive(frames))
+            if guest_fd in ready:
+                for msg in self.guest.poll_messages():
+                    if msg["type"] == "done":
+                        self.guest_done = msg
+                        if self._finish_if_done():
+                            return
+
+    def _on_faults(self) -> None:
+        assert self.fd is not None and self.urgent is not None
+        page, base = self.page, self.base
+        for ev in self.fd.read_events(64):
+            if not isinstance(ev, uffd.PageFault):
+                self.daemon.log(f"guest region event {ev} (not expected during migration)")
+                continue
+            index = (ev.address - base) // page
+            if not 0 <= index < self.npages:
+                raise MigrationError("postcopy", f"fault at {ev.address:#x} outside the region")
+            if self.present[index]:
+                self.fd.wake(base + index * page, page)  # installed meanwhile: just wake it
+                continue
+            if index in self.pending:
+                continue
+            req = self.next_request
+            self.next_request += 1
+            self.pending[index] = (req, time.monotonic_ns())
+            self.report.faults += 1
+            self._send(self.urgent, protocol.Request(req, index, self.opts.fault_around))
+
+    def _on_urgent(self, msg: protocol.Message) -> bool:
+        t = msg.TYPE
+        if t == MsgType.PAGES:
+            assert isinstance(msg, protocol.Pages)
+            first = msg.index_array()[0]
+            self.install(msg, wake=True)
+            pending = self.pending.pop(first, None)
+            if pending is not None:
+                self.report.fault_latency.record_ns(time.monotonic_ns() - pending[1])
+            for p in msg.index_array():
+                self.pending.pop(p, None)
+            self._maybe_complete()
+        elif t == MsgType.SWITCHOVER:
+            assert isinstance(msg, protocol.Switchover)
+            self._switchover(msg)
+        elif t == MsgType.VERIFIED:
+            assert isinstance(msg, protocol.Verified)
+            self.report.source_digest = msg.source_digest
+            self.report.transfer_ok = msg.match and msg.source_digest == self.report.received_digest
+            return self._finish_if_done()
+        elif t == MsgType.ERROR:
+            assert isinstance(msg, protocol.Error)
+            raise MigrationError(msg.phase, f"the source reported: {msg.message}")
+        elif t == MsgType.BYE:
+            raise MigrationError(self.report.phase, "the source hung up")
+        return False
+
+    def _on_bulk(self, msg: protocol.Message) -> None:
+        assert self.bulk is not None
+        t = msg.TYPE
+        if t == MsgType.PAGES:
+            assert isinstance(msg, protocol.Pages)
+            self.install(msg, wake=self.report.phase == "postcopy")
+            self.bulk_seq = msg.seq
+            self._send(self.bulk, protocol.Ack(msg.seq))
+            self._maybe_complete()
+        elif t == MsgType.ROUND_END:
+            assert isinstance(msg, protocol.RoundEnd)
+            self.bulk_seq = msg.seq
+        elif t == MsgType.PUSH_DONE:
+            assert isinstance(msg, protocol.PushDone)
+            self.bulk_seq = msg.seq
+            self._maybe_complete()
+
+    def _switchover(self, msg: protocol.Switchover) -> None:
+        """Install everything sent before the pause, drop what was written since, resume."""
+        assert self.guest is not None and self.bulk is not None
+        t0 = time.monotonic_ns()
+        self.report.phase = "switchover"
+        while self.bulk_seq < msg.bulk_seq:
+            if not self.bulk.poll(int(self.opts.peer_timeout_s * 1000)):
+                raise MigrationError("switchover", "bulk pages named by SWITCHOVER never came")
+            self._on_bulk(self.conn.receive(transport.recv_frames(self.bulk)))
+        discard = msg.discard_array()
+        for p in discard:
+            if self.present[p]:
+                self.present[p] = 0
+                self.present_count -= 1
+        self.report.pages["discarded"] = len(discard)
+        self.guest.go(msg.discard)
+        reply = self.guest.receive(timeout=self.opts.peer_timeout_s)
+        if reply["type"] != "running":
+            raise GuestError(f"guest answered {reply['type']} to go")
+        self.report.resume_ns = time.monotonic_ns() - t0
+        self.report.phase = "postcopy"
+        self.postcopy_start = time.monotonic()
+        assert self.urgent is not None
+        self._send(self.urgent, protocol.Resumed(self.report.resume_ns))
+        self._maybe_complete()
+
+    def _maybe_complete(self) -> None:
+        if (self.completed_sent or self.present_count < self.npages
+                or self.report.phase != "postcopy"):
+            return
+        assert self.urgent is not None
+        self.report.postcopy_s = time.monotonic() - self.postcopy_start
+        self.report.received_digest = digest.digest_of_hashes(self.hashes)
+        self._send(self.urgent, protocol.Complete(self.npages, self.report.received_digest,
+                                                  self.hashes.tobytes()))
+        self.completed_sent = True
+        self.report.phase = "verify"
+
+    def _finish_if_done(self) -> bool:
+        """Once the transfer is verified and the guest has finished: final digests, REPORT."""
+        if self.guest_done is None or not self.report.source_digest:
+            return False
+        assert self.urgent is not None
+        self.report.digest = self.guest_done["digest"]
+        self.report.guest_ops = self.guest_done["ops"]
+        if self.opts.verify_reference:
+            from migrate import workloads
+
+            w = self.report.workload
+            self.report.reference_digest = workloads.reference_digest(
+                w["name"], w["size"], seed=w["seed"], ops=w["ops"])
+            reference_ok = self.report.digest == self.report.reference_digest
+        else:
+            reference_ok = True
+        self.report.ok = self.report.transfer_ok and reference_ok
+        if not self.report.transfer_ok:
+            self.report.error = "the pages received differ from the source's copy"
+        elif not reference_ok:
+            self.report.error = "the guest's final region differs from the reference run's"
+        self.report.phase = "done"
+        body = self.report.as_dict()
+        self._send(self.urgent, protocol.Report(body))
+        return True
+
+
+class DestDaemon:
+    """Accepts migrations on ``opts.listen`` until stopped (or ``max_migrations`` are done)."""
+
+    def __init__(self, opts: DestOptions) -> None:
+        self.opts = opts
+        if opts.cpu is not None:
+            os.sched_setaffinity(0, {opts.cpu})
+        self.ctx = transport.make_context(opts.cpu)
+        self.router = transport.listen(self.ctx, opts.listen, opts.keys)
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._reply_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.reports: list[dict[str, Any]] = []
+        self.sessions: list[threading.Thread] = []
+
+    def log(self, text: str) -> None:
+        print(f"[dest] {text}", file=sys.stderr, flush=True)
+
+    def reply(self, router_id: bytes, frames: list[Any]) -> None:
+        with self._reply_lock:
+            self.router.send_multipart([router_id, *frames])
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self) -> list[dict[str, Any]]:
+        self.log(f"listening on {self.endpoint}")
+        started = 0
+        try:
+            while not self._stop.is_set():
+                if self.opts.max_migrations is not None and started >= self.opts.max_migrations:
+                    break
+                if not self.router.poll(200):
+                    continue
+                with self._reply_lock:
+                    frames = self.router.recv_multipart(copy=False)
+                router_id = frames[0].bytes
+                session = DestSession(self, router_id, frames[1:])
+                thread = threading.Thread(target=self._run_session, args=(session,),
+                                          name="dest-session", daemon=True)
+                started += 1
+                thread.start()
+                self.sessions.append(thread)
+            for thread in self.sessions:
+                thread.join()
+        finally:
+            self.router.close(linger=0)
+            self.ctx.term()
+        return self.reports
+
+    def _run_session(self, session: DestSession) -> None:
+        report = session.run().as_dict()
+        self.reports.append(report)
+        w = report["workload"]
+        self.log(f"migration of {w.get('name')} {w.get('size')} bytes: "
+                 f"{'ok' if report['ok'] else 'FAILED: ' + str(report['error'])}")
+        if self.opts.json_reports:
+            print(json.dumps(report), flush=True)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="tcp://127.0.0.1:7070",
+                        help="ZeroMQ endpoint to accept migrations on (tcp://HOST:PORT)")
+    parser.add_argument("--cpu", type=int, default=None, help="pin the daemon (and its guests)")
+    parser.add_argument("--count", type=int, default=None,
+                        help="exit after this many migrations (default: serve forever)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the reference run the final digest is compared with")
+    parser.add_argument("--json", action="store_true", help="print each migration's report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = DestOptions(listen=args.listen, cpu=args.cpu, max_migrations=args.count,
+                       verify_reference=not args.no_reference, json_reports=args.json)
+    daemon = DestDaemon(opts)
+    reports = daemon.serve()
+    return 0 if all(r["ok"] for r in reports) else 1

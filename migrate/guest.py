@@ -1,0 +1,374 @@
+"""A guest: a process whose whole state lives in one memory region (like a VM's RAM).
+
+The guest maps its region, opens a userfaultfd, registers the region, and hands both to its local
+daemon over a Unix socket (SCM_RIGHTS) with a layout message. Then it runs a native workload in the
+region (GIL released) and reports progress.
+
+* On the **source** the region is registered for asynchronous write-protection (WP_ASYNC), so the
+  daemon can find the pages written since the last pre-copy round with PAGEMAP_SCAN. A pause is
+  SIGUSR1: the native workload stops at an operation boundary, the guest reports PAUSED and stops
+  itself with SIGSTOP. SIGCONT + RESUME continues it (a migration that was abandoned).
+* On the **destination** the region starts empty and is registered for MISSING faults, which the
+  daemon serves. The guest waits for GO (with the pages to discard because they were written after
+  pre-copy sent them), drops those pages itself (MADV_DONTNEED is only possible from inside the
+  process), reports RUNNING, and continues the workload from the state in the region.
+
+Control messages are msgpack maps on a SOCK_SEQPACKET socketpair (message boundaries kept).
+The guest never runs Python code that touches the region while it may be missing: all region
+access is in native code, and the faults are served by another process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from migrate.errors import MigrateError
+
+PAUSE_SIGNAL = signal.SIGUSR1
+MAX_CONTROL_MESSAGE = 64 << 20  # a GO message may carry a large discard list
+PROGRESS_INTERVAL_S = 0.25
+
+
+class GuestError(MigrateError):
+    """The guest process failed, died, or said something unexpected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Control channel helpers (both sides)
+
+
+def _send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = msgpack.packb(msg, use_bin_type=True)
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+def _recv(sock: socket.socket, *, with_fds: bool = False) -> tuple[dict[str, Any], list[int]]:
+    if with_fds:
+        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_CONTROL_MESSAGE, 4)
+    else:
+        data, fds = sock.recv(MAX_CONTROL_MESSAGE), []
+    if not data:
+        raise EOFError("control socket closed")
+    msg = msgpack.unpackb(data, raw=False)
+    if not isinstance(msg, dict) or "type" not in msg:
+        raise GuestError(f"malformed control message: {msg!r}")
+    return msg, list(fds)
+
+
+def discard_runs(indexes: array) -> list[tuple[int, int]]:
+    """Coalesce sorted page indexes into (first, count) runs: one madvise per run."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(indexes):
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        elif not runs or runs[-1][0] + runs[-1][1] < i:
+            runs.append((i, 1))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# The guest process
+
+
+def _guest_main(args: argparse.Namespace) -> int:
+    from migrate import memory, uffd, workloads
+
+    sock = socket.socket(fileno=args.control_fd)
+    size = args.memory
+    if args.backing == "memfd":
+        region = memory.Region.memfd(size, name=f"migrate-guest-{os.getpid()}")
+    else:
+        region = memory.Region.anonymous(size)
+    if args.role == "source":
+        features = uffd.Feature.WP_ASYNC | uffd.Feature.WP_UNPOPULATED
+        mode = uffd.RegisterMode.WP
+    else:
+        features = uffd.Feature(0)
+        if args.backing == "memfd":
+            features |= uffd.Feature.MISSING_SHMEM
+        mode = uffd.RegisterMode.MISSING
+    fd = uffd.Userfaultfd.open(features, nonblock=True)
+    fd.register(region.address, region.size, mode)
+    # On the destination the control block is still missing (page 0 arrives by migration), so
+    # the workload is attached only after GO, when faults are being served.
+    wl = None
+    if args.role == "source":
+        wl = workloads.Workload.init(region.view(), args.workload, size, seed=args.seed,
+                                     ops=args.ops or None)
+    workloads.Workload.install_pause_signal(PAUSE_SIGNAL)
+
+    fds = [fd.fileno()] + ([region.memfd] if args.backing == "memfd" else [])
+    _send(sock, {
+        "type": "ready", "pid": os.getpid(), "role": args.role, "address": region.address,
+        "size": region.size, "page_size": memory.PAGE_SIZE, "backing": args.backing,
+        "features": int(fd.features), "total_ops": wl.total_ops if wl is not None else 0,
+    }, fds)
+    # The daemon holds its own copies of the fds now; the guest keeps the uffd open too, so the
+    # registration lives as long as the guest (closing it here would unregister the region).
+
+    stop_reporting = threading.Event()
+    lock = threading.Lock()
+
+    def report_progress() -> None:
+        while not stop_reporting.wait(PROGRESS_INTERVAL_S):
+            with lock:
+                _send(sock, {"type": "progress", "ops": workloads.Workload.progress()})
+
+    def send(msg: dict[str, Any]) -> None:
+        with lock:
+            _send(sock, msg)
+
+    msg, _ = _recv(sock)
+    if msg["type"] == "exit":
+        return 0
+    if args.role == "dest":
+        if msg["type"] != "go":
+            raise GuestError(f"expected go, got {msg['type']}")
+        go_ns = time.monotonic_ns()
+        discard = array("I")
+        discard.frombytes(msg.get("discard", b""))
+        page = memory.PAGE_SIZE
+        advice = memory.Advice.REMOVE if args.backing == "memfd" else memory.Advice.DONTNEED
+        for first, count in discard_runs(discard):
+            region.advise(advice, first * page, count * page)
+        send({"type": "running", "go_to_running_ns": time.monotonic_ns() - go_ns,
+              "discarded": len(discard)})
+        wl = workloads.Workload(region.view())
+    elif msg["type"] != "start":
+        raise GuestError(f"expected start, got {msg['type']}")
+
+    reporter = threading.Thread(target=report_progress, name="progress", daemon=True)
+    reporter.start()
+    while True:
+        status = wl.run()
+        if status is workloads.RunStatus.DONE:
+            break
+        if status is workloads.RunStatus.PAUSED:
+            send({"type": "paused", "ops": wl.ops_done, "t_ns": time.monotonic_ns()})
+            os.kill(os.getpid(), signal.SIGSTOP)
+            msg, _ = _recv(sock)
+            if msg["type"] == "resume":
+                continue
+            return 0
+    stop_reporting.set()
+    reporter.join()
+    send({"type": "done", "digest": wl.digest(), "ops": wl.ops_done})
+    try:
+        _recv(sock)  # wait for exit (or the socket closing) so the region stays readable
+    except EOFError:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m migrate.guest")
+    parser.add_argument("--role", choices=("source", "dest"), required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--memory", type=int, required=True)
+    parser.add_argument("--backing", choices=("anon", "memfd"), default="anon")
+    parser.add_argument("--workload", default="kv")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ops", type=int, default=0, help="0: the workload's default for the size")
+    args = parser.parse_args(argv)
+    try:
+        return _guest_main(args)
+    except EOFError:
+        return 0  # the daemon went away: nothing left to report to
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemon's side
+
+
+@dataclass
+class GuestLayout:
+    pid: int
+    address: int
+    size: int
+    page_size: int
+    backing: str
+    features: int
+    total_ops: int
+
+    @property
+    def npages(self) -> int:
+        return self.size // self.page_size
+
+
+class GuestHandle:
+    """A guest process started by a daemon, with its uffd (and memfd) received over SCM_RIGHTS."""
+
+    def __init__(self, role: str, memory: int, *, backing: str = "anon", workload: str = "kv",
+                 seed: int = 0, ops: int = 0, ready_timeout: float = 30.0) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cmd = [sys.executable, "-m", "migrate.guest", "--role", role,
+               "--control-fd", str(child.fileno()), "--memory", str(memory),
+               "--backing", backing, "--workload", workload, "--seed", str(seed),
+               "--ops", str(ops)]
+        self.role = role
+        self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+        child.close()
+        self.sock = parent
+        self.sock.settimeout(ready_timeout)
+        self.progress_ops = 0
+        self.exit_status: int | None = None
+        try:
+            msg, fds = _recv(self.sock, with_fds=True)
+        except (EOFError, socket.timeout, OSError) as exc:
+            self.kill()
+            raise GuestError(
+                f"{role} guest did not become ready ({type(exc).__name__}: {exc}); "
+                f"exit status {self.proc.poll()}") from None
+        if msg["type"] != "ready" or not fds:
+            self.kill()
+            raise GuestError(f"{role} guest sent {msg['type']} instead of ready with its uffd")
+        self.uffd_fd = fds[0]
+        self.memfd = fds[1] if len(fds) > 1 else None
+        self.layout = GuestLayout(msg["pid"], msg["address"], msg["size"], msg["page_size"],
+                                  msg["backing"], msg["features"], msg["total_ops"])
+        self.sock.settimeout(None)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def fileno(self) -> int:
+        """The control socket, for a poller."""
+        return self.sock.fileno()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        _send(self.sock, msg)
+
+    def receive(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next control message that is not a progress update (those update progress_ops)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.sock.settimeout(remaining)
+            try:
+                msg, _ = _recv(self.sock)
+            except socket.timeout:
+                raise GuestError(f"{self.role} guest sent nothing for {timeout} s") from None
+            except (EOFError, ConnectionResetError):
+                raise GuestError(f"{self.role} guest died ({self._death()})") from None
+            finally:
+                self.sock.settimeout(None)
+            if msg["type"] == "progress":
+                self.progress_ops = msg["ops"]
+                continue
+            return msg
+
+    def poll_messages(self) -> list[dict[str, Any]]:
+        """Every control message waiting now, without blocking (progress handled)."""
+        out = []
+        while True:
+            try:
+                data = self.sock.recv(MAX_CONTROL_MESSAGE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return out
+            if not data:
+                raise GuestError(f"{self.role} guest died ({self._death()})")
+            msg = msgpack.unpackb(data, raw=False)
+            if msg.get("type") == "progress":
+                self.progress_ops = msg["ops"]
+            else:
+                out.append(msg)
+
+    def start(self) -> None:
+        self.send({"type": "start"})
+
+    def pause(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Ask the workload to stop at an operation boundary; returns the PAUSED message once the
+        guest has stopped itself (SIGSTOP), so its region no longer changes."""
+        os.kill(self.pid, PAUSE_SIGNAL)
+        msg = self.receive(timeout)
+        if msg["type"] == "done":
+            return msg  # finished before the pause took effect: it is just as still
+        if msg["type"] != "paused":
+            raise GuestError(f"expected paused, got {msg['type']}")
+        self._wait_stopped(timeout)
+        return msg
+
+    def _wait_stopped(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        path = f"/proc/{self.pid}/stat"
+        while time.monotonic() < deadline:
+            try:
+                with open(path) as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                raise GuestError(f"{self.role} guest died while pausing ({self._death()})") from None
+            if state in ("T", "t"):
+                return
+            time.sleep(0.00005)
+        raise GuestError(f"{self.role} guest did not stop within {timeout} s")
+
+    def resume_here(self) -> None:
+        """Continue a paused source guest (the migration was abandoned)."""
+        os.kill(self.pid, signal.SIGCONT)
+        self.send({"type": "resume"})
+
+    def go(self, discard: bytes) -> None:
+        self.send({"type": "go", "discard": discard})
+
+    def _death(self) -> str:
+        code = self.proc.poll()
+        if code is None:
+            return "still running but its control socket closed"
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit status {code}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.exit_status = self.proc.returncode
+
+    def close(self) -> None:
+        """Tell the guest to exit, then make sure it did; release every fd we hold."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+                self.send({"type": "exit"})
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.exit_status = self.proc.returncode
+        for fd in (self.uffd_fd, self.memfd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.uffd_fd = -1
+        self.memfd = None
+        self.sock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,595 @@
+"""The source daemon: runs a guest, then migrates it live to a destination daemon.
+
+Phases (see ARCHITECTURE.md):
+
+* **pre-copy** (modes precopy and hybrid): write-protect the whole region asynchronously
+  (UFFD_FEATURE_WP_ASYNC), send every page on the bulk channel (pages that are not present are
+  zero and travel as a flag), then round after round ask PAGEMAP_SCAN for the pages written since
+  the last round (re-protecting them in the same walk) and send those, until the dirty set stops
+  shrinking, is small enough, or the round budget is spent. A window of unacknowledged bulk
+  messages bounds what is in flight.
+* **switchover**: pause the guest at an operation boundary (it stops itself with SIGSTOP), take the
+  final dirty set; precopy mode sends those pages now (while paused), hybrid mode names them as
+  *discard* so the destination drops its stale copies and fetches them on demand; SWITCHOVER.
+* **post-copy**: answer fault REQUESTs on the urgent channel first (the faulting page and its unsent
+  neighbours), and push every page the destination lacks on the bulk channel, starting from the
+  most recent fault and moving outward.
+* **verify**: the destination reports the digest of the pages it received; the source compares it
+  with its own digest of the paused region, then waits for the destination's final report (the
+  guest's digest after finishing its workload against a reference run). Only then is the source's
+  copy released.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from migrate import digest, memory, protocol, transport, uffd, workloads
+from migrate.errors import MigrateError, MigrationError, ProtocolError
+from migrate.guest import GuestError, GuestHandle
+from migrate.protocol import Batch, MsgType
+from migrate.stats import Stopwatch
+
+PRECOPY_BATCH_PAGES = 256  # 1 MiB of 4 KiB pages per bulk message
+PUSH_BATCH_PAGES = 32  # smaller in post-copy: the destination interleaves these with faults
+WINDOW = 16  # unacknowledged bulk messages in flight
+MAX_ROUNDS = 8
+SMALL_DIRTY_PAGES = 64  # a dirty set this small is sent during the pause
+
+
+@dataclass
+class SourceOptions:
+    to: str
+    workload: str = "kv"
+    memory: int = 512 << 20
+    seed: int = 0
+    ops: int = 0  # 0: the workload's default for the size
+    mode: str = "hybrid"
+    after_s: float = 1.0
+    backing: str = "anon"
+    max_rounds: int = MAX_ROUNDS
+    cpu: int | None = None
+    keys: transport.CurveKeys | None = None
+    peer_timeout_s: float = 30.0
+    progress: bool = True
+
+
+class Progress:
+    """Progress on a terminal (one rewritten line), plain log lines otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, phase: str, text: str, *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < (0.1 if self.tty else 1.0):
+            return
+        self.last = now
+        if self.tty:
+            sys.stderr.write(f"\r\033[K[source] {phase:<10} {text}")
+        else:
+            sys.stderr.write(f"[source] {phase}: {text}\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class SourceMigration:
+    def __init__(self, opts: SourceOptions) -> None:
+        if opts.mode not in protocol.MODES:
+            raise ValueError(f"mode must be one of {protocol.MODES}, not {opts.mode!r}")
+        self.opts = opts
+        self.progress = Progress(opts.progress)
+        self.phase = "start"
+        self.guest: GuestHandle | None = None
+        self.fd: uffd.Userfaultfd | None = None
+        self.ctx: zmq.Context | None = None
+        self.sockets: list[zmq.Socket] = []
+        self.conn = protocol.Connection(protocol.Side.SOURCE)
+        self.seq = 0
+        self.acked = 0
+        self.bytes_sent = 0
+        self.counts = {"precopy": 0, "final": 0, "pushed": 0, "demand": 0, "zero": 0}
+        self.rounds: list[dict[str, int]] = []
+        self.requests = 0
+        self.dest_report: dict[str, Any] | None = None
+        self.guest_finished: dict[str, Any] | None = None  # "done" seen before the pause
+        self.mismatched: list[int] = []
+        self.pending_dirty: set[int] = set()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _send(self, sock: zmq.Socket, msg: protocol.Message) -> None:
+        frames = self.conn.send(msg)
+        transport.send_frames(sock, frames)
+        if isinstance(msg, protocol.Pages):
+            self.bytes_sent += len(msg.data)
+        self.bytes_sent += len(frames[0])
+
+    def _recv(self, sock: zmq.Socket, timeout_s: float | None = None) -> protocol.Message:
+        timeout = self.opts.peer_timeout_s if timeout_s is None else timeout_s
+        if not sock.poll(int(timeout * 1000)):
+            raise MigrationError(self.phase, f"no answer from the destination in {timeout:.0f} s")
+        return self.conn.receive(transport.recv_frames(sock))
+
+    def _read_pages(self, indexes: list[int] | range, present: bool | None = None
+                    ) -> tuple[bytes, bytes]:
+        """(zero flags, data of the non-zero pages) for ``indexes`` of the guest's region."""
+        assert self.guest is not None
+        page = self.page
+        n = len(indexes)
+        buf = bytearray(n * page)
+        base = self.base
+        if isinstance(indexes, range) and indexes.step == 1:
+            got = len(memory.read_process(self.guest.pid, base + indexes.start * page, n * page,
+                                          into=buf))
+        else:
+            got = memory.read_process_pages(self.guest.pid, [base + i * page for i in indexes],
+                                            page, buf)
+        if got != n * page:
+            raise MigrationError(self.phase, f"read {got} of {n * page} bytes of the guest's "
+                                 f"pages starting at index {indexes[0]}")
+        zero = digest.zero_map(buf, page)
+        if zero.count(1) == 0:
+            return zero, buf
+        if zero.count(0) == 0:
+            return zero, b""
+        view = memoryview(buf)
+        data = b"".join(view[i * page:(i + 1) * page] for i in range(n) if not zero[i])
+        return zero, data
+
+    def _send_pages(self, sock: zmq.Socket, kind: Batch, indexes: list[int] | range, *,
+                    request: int = 0, round: int = 0, known_zero: bool = False) -> None:
+        if known_zero:
+            zero, data = bytes([1]) * len(indexes), b""
+        else:
+            zero, data = self._read_pages(indexes)
+        self.seq += 1
+        msg = protocol.Pages.build(self.seq, kind, indexes, zero, data, request=request,
+                                   round=round)
+        self._send(sock, msg)
+        self.counts["zero"] += zero.count(1)
+        for i in indexes:
+            self.valid[i] = 1
+
+    def _wait_window(self, limit: int) -> None:
+        """Block until at most ``limit`` bulk messages are unacknowledged."""
+        while self.seq - self.acked > limit:
+            self._handle_bulk(self._recv(self.bulk))
+
+    def _handle_bulk(self, msg: protocol.Message) -> None:
+        if msg.TYPE == MsgType.ACK:
+            assert isinstance(msg, protocol.Ack)
+            self.acked = max(self.acked, msg.seq)
+        else:
+            raise ProtocolError(f"unexpected {msg.TYPE.name} on the bulk channel")
+
+    # -- phases -----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        clock = Stopwatch()
+        try:
+            self._start_guest()
+            self._connect()
+            self.migration_clock = Stopwatch()
+            if self.opts.mode != "postcopy":
+                self.phase = "precopy"
+                self._precopy()
+            self.phase = "switchover"
+            self._switchover()
+            self.phase = "postcopy"
+            self._postcopy()
+            self.phase = "verify"
+            return self._verify(clock)
+        except (MigrateError, OSError, zmq.ZMQError) as exc:
+            return self._failed(exc)
+        finally:
+            self.progress.done()
+            self._cleanup()
+
+    def _start_guest(self) -> None:
+        o = self.opts
+        if o.cpu is not None:
+            os.sched_setaffinity(0, {o.cpu})
+        self.guest = GuestHandle("source", o.memory, backing=o.backing, workload=o.workload,
+                                 seed=o.seed, ops=o.ops)
+        layout = self.guest.layout
+        self.fd = uffd.Userfaultfd.adopt(self.guest.uffd_fd, uffd.Feature(layout.features))
+        self.guest.uffd_fd = -1
+        self.base, self.page, self.npages = layout.address, layout.page_size, layout.npages
+        self.total_ops = layout.total_ops
+        self.valid = bytearray(self.npages)  # 1: the destination holds this page's current bytes
+        self.scanner = memory.PagemapScanner(self.guest.pid)
+        self.guest.start()
+        deadline = time.monotonic() + o.after_s
+        while time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            for msg in self.guest.poll_messages():
+                if msg["type"] == "done":
+                    self.guest_finished = msg
+                    self.progress.update("running", "the workload finished before migration")
+            self.progress.update("running", f"guest ops {self.guest.progress_ops:,} of "
+                                 f"{self.total_ops:,}")
+        if not self.guest.alive():
+            raise GuestError("the guest died before migration")
+
+    def _connect(self) -> None:
+        o = self.opts
+        self.phase = "handshake"
+        self.ctx = transport.make_context(o.cpu)
+        control = transport.connect(self.ctx, o.to, o.keys)
+        self.sockets.append(control)
+        size = self.npages * self.page
+        hello = protocol.Hello(
+            protocol.PROTOCOL_VERSION, transport.session_id(), self.page, self.npages,
+            o.backing, o.mode,
+            {"name": o.workload, "size": size, "seed": o.seed, "ops": self.total_ops},
+            ["fault-around", "zero-flag", "discard"], digest.DIGEST_ALGORITHM)
+        self._send(control, hello)
+        reply = self._recv(control)
+        if isinstance(reply, protocol.Refuse):
+            raise MigrationError("handshake", f"the destination refused: {reply.reason}")
+        assert isinstance(reply, protocol.Welcome)
+        self.urgent = transport.connect(self.ctx, reply.urgent_endpoint, o.keys)
+        self.bulk = transport.connect(self.ctx, reply.bulk_endpoint, o.keys)
+        self.sockets += [self.urgent, self.bulk]
+
+    def _precopy(self) -> None:
+        assert self.fd is not None
+        start, end, page = self.base, self.base + self.npages * self.page, self.page
+        # Protect everything, then send everything: a write after the protect shows up as
+        # PAGE_IS_WRITTEN in the next scan, so nothing written during the round is missed.
+        self.fd.writeprotect(start, end - start, True)
+        present = self.scanner.scan(start, end, require=memory.PageCategory.PRESENT,
+                                    return_mask=memory.PageCategory.PRESENT)
+        is_present = bytearray(self.npages)
+        for s, e, _c in present:
+            is_present[(s - start) // page:(e - start) // page] = b"\x01" * ((e - s) // page)
+        round_no = 1
+        sent = self._send_all(is_present, round_no)
+        dirty = self._scan_dirty(reprotect=True)
+        self._round_end(round_no, sent, len(dirty))
+        previous = None
+        while round_no < self.opts.max_rounds:
+            if len(dirty) <= SMALL_DIRTY_PAGES or (previous is not None and len(dirty) >= previous):
+                break
+            round_no += 1
+            previous = len(dirty)
+            for i in dirty:
+                self.valid[i] = 0
+            sent = self._send_indexes(dirty, Batch.PRECOPY, round_no)
+            dirty = self._scan_dirty(reprotect=True)
+            self._round_end(round_no, sent, len(dirty))
+        # Pages written since the last scan have not been sent again: the switchover must send
+        # or discard them together with whatever the final scan finds.
+        self.pending_dirty = set(dirty)
+        for i in dirty:
+            self.valid[i] = 0
+        self._wait_window(0)  # everything sent so far is installed before the pause
+
+    def _send_all(self, is_present: bytearray, round_no: int) -> int:
+        n, batch = self.npages, PRECOPY_BATCH_PAGES
+        for first in range(0, n, batch):
+            last = min(n, first + batch)
+            self._wait_window(WINDOW)
+            known_zero = is_present.find(1, first, last) < 0
+            self._send_pages(self.bulk, Batch.PRECOPY, range(first, last), round=round_no,
+                             known_zero=known_zero)
+            self.counts["precopy"] += last - first
+            self.progress.update("precopy", f"round {round_no}: {last:,}/{n:,} pages, "
+                                 f"{self.bytes_sent / 1e6:,.0f} MB sent")
+        return n
+
+    def _send_indexes(self, indexes: list[int], kind: Batch, round_no: int) -> int:
+        batch = PRECOPY_BATCH_PAGES
+        for k in range(0, len(indexes), batch):
+            self._wait_window(WINDOW)
+            chunk = indexes[k:k + batch]
+            self._send_pages(self.bulk, kind, chunk, round=round_no)
+            self.counts["precopy" if kind == Batch.PRECOPY else "final"] += len(chunk)
+        return len(indexes)
+
+    def _scan_dirty(self, *, reprotect: bool) -> list[int]:
+        start, end, page = self.base, self.base + self.npages * self.page, self.page
+        runs = self.scanner.scan(start, end, require=memory.PageCategory.WRITTEN,
+                                 return_mask=memory.PageCategory.WRITTEN,
+                                 wp_matching=reprotect, check_wpasync=True)
+        dirty: list[int] = []
+        for s, e, _c in runs:
+            dirty.extend(range((s - start) // page, (e - start) // page))
+        return dirty
+
+    def _round_end(self, round_no: int, sent: int, dirty: int) -> None:
+        self.rounds.append({"round": round_no, "pages": sent, "dirty": dirty})
+        self._send(self.bulk, protocol.RoundEnd(round_no, self.seq, sent, dirty))
+
+    def _switchover(self) -> None:
+        assert self.guest is not None
+        t_pause = time.monotonic_ns()
+        if self.guest_finished is None:
+            for msg in self.guest.poll_messages():
+                if msg["type"] == "done":
+                    self.guest_finished = msg
+        # A guest that already finished its workload is as still as a paused one.
+        paused = self.guest_finished or self.guest.pause()
+        self.paused_ops = paused.get("ops", 0)
+        if self.opts.mode == "postcopy":
+            discard = array("I")
+        else:
+            final = sorted(self.pending_dirty.union(self._scan_dirty(reprotect=False)))
+            for i in final:
+                self.valid[i] = 0
+            if self.opts.mode == "precopy" or len(final) <= SMALL_DIRTY_PAGES:
+                self._send_indexes(final, Batch.FINAL, len(self.rounds) + 1)
+                discard = array("I")
+            else:
+                discard = array("I", final)
+        self.switchover_ns = t_pause
+        msg = protocol.Switchover(self.seq, discard.tobytes(), self.paused_ops,
+                                  time.monotonic_ns() - t_pause)
+        self._send(self.urgent, msg)
+        self.discarded = len(discard)
+        reply = self._recv(self.urgent)
+        if isinstance(reply, protocol.Error):
+            raise MigrationError(reply.phase, f"the destination reported: {reply.message}")
+        assert isinstance(reply, protocol.Resumed)
+        self.downtime_ns = time.monotonic_ns() - t_pause
+        self.resume_ns = reply.resume_ns
+        self.switch_clock = Stopwatch()
+
+    def _postcopy(self) -> None:
+        """Serve faults first; push the rest between them; until the destination has it all."""
+        poller = zmq.Poller()
+        poller.register(self.urgent, zmq.POLLIN)
+        poller.register(self.bulk, zmq.POLLIN)
+        valid, n = self.valid, self.npages
+        cursor = 0
+        push_done_sent = False
+        last_heard = time.monotonic()
+        while True:
+            remaining = valid.find(0) >= 0
+            if not remaining and not push_done_sent:
+                self._send(self.bulk, protocol.PushDone(self.seq, n))
+                push_done_sent = True
+            can_push = remaining and self.seq - self.acked < WINDOW
+            ready = dict(poller.poll(0 if can_push else 250))
+            now = time.monotonic()
+            if self.urgent in ready:
+                last_heard = now
+                while True:
+                    try:
+                        frames = transport.recv_frames(self.urgent, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    msg = self.conn.receive(frames)
+                    if msg.TYPE == MsgType.REQUEST:
+                        assert isinstance(msg, protocol.Request)
+                        cursor = self._serve_request(msg)
+                    elif msg.TYPE == MsgType.COMPLETE:
+                        assert isinstance(msg, protocol.Complete)
+                        self.complete = msg
+                        self.total_ns = time.monotonic_ns() - self.migration_clock.start_ns
+                        return
+                    elif isinstance(msg, protocol.Error):
+                        raise MigrationError(msg.phase, f"the destination reported: {msg.message}")
+                    else:
+                        raise ProtocolError(f"unexpected {msg.TYPE.name} during post-copy")
+            if self.bulk in ready:
+                last_heard = now
+                while True:
+                    try:
+                        frames = transport.recv_frames(self.bulk, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle_bulk(self.conn.receive(frames))
+            if can_push and self.urgent not in ready:
+                cursor = self._push_from(cursor)
+            elif not ready and now - last_heard > self.opts.peer_timeout_s:
+                raise MigrationError("postcopy",
+                                     f"no word from the destination for "
+                                     f"{self.opts.peer_timeout_s:.0f} s")
+            self.progress.update("postcopy", f"{n - valid.count(0):,}/{n:,} pages at the "
+                                 f"destination, {self.requests:,} faults served")
+
+    def _serve_request(self, msg: protocol.Request) -> int:
+        self.requests += 1
+        valid, n = self.valid, self.npages
+        indexes = [msg.index]
+        j = msg.index + 1
+        limit = min(n, msg.index + 1 + min(msg.around, 64))
+        while j < limit and not valid[j]:
+            indexes.append(j)
+            j += 1
+        self._send_pages(self.urgent, Batch.DEMAND, range(indexes[0], indexes[-1] + 1),
+                         request=msg.request)
+        self.counts["demand"] += len(indexes)
+        return j
+
+    def _push_from(self, cursor: int) -> int:
+        valid, n = self.valid, self.npages
+        first = valid.find(0, cursor)
+        if first < 0:
+            first = valid.find(0)
+            if first < 0:
+                return cursor
+        last = first + 1
+        limit = min(n, first + PUSH_BATCH_PAGES)
+        while last < limit and not valid[last]:
+            last += 1
+        self._send_pages(self.bulk, Batch.PUSH, range(first, last))
+        self.counts["pushed"] += last - first
+        return last
+
+    def _verify(self, clock: Stopwatch) -> dict[str, Any]:
+        """Compare the destination's received digest with the paused region; final report."""
+        assert self.guest is not None
+        source_hashes = self._region_hashes()
+        source_digest = digest.digest_of_hashes(source_hashes)
+        received = self.complete.hash_array()
+        match = (source_digest == self.complete.received_digest
+                 and digest.digest_of_hashes(received) == self.complete.received_digest)
+        self.mismatched = [] if match else digest.diff_pages(source_hashes, received)
+        self._send(self.urgent, protocol.Verified(source_digest, match))
+        # The destination's guest now finishes its workload; wait for its report.
+        while True:
+            msg = self._recv(self.urgent, timeout_s=max(600.0, self.opts.peer_timeout_s))
+            if isinstance(msg, protocol.Report):
+                self.dest_report = msg.body
+                break
+            if isinstance(msg, protocol.Error):
+                raise MigrationError(msg.phase, f"the destination reported: {msg.message}")
+        self._send(self.urgent, protocol.Bye("done"))
+        return self._report(source_digest, match)
+
+    def _region_hashes(self) -> array:
+        assert self.guest is not None
+        page, n = self.page, self.npages
+        chunk = 4096
+        hashes = array("Q")
+        buf = bytearray(chunk * page)
+        for first in range(0, n, chunk):
+            count = min(chunk, n - first)
+            view = memory.read_process(self.guest.pid, self.base + first * page, count * page,
+                                       into=buf)
+            if len(view) != count * page:
+                raise MigrationError("verify", f"short read of the paused region at page {first}")
+            hashes.extend(digest.page_hashes(view, page))
+        return hashes
+
+    def _report(self, source_digest: str, match: bool) -> dict[str, Any]:
+        d = self.dest_report or {}
+        lat = d.get("fault_latency_us", {})
+        error = d.get("error")
+        if not match:
+            shown = ", ".join(str(i) for i in self.mismatched[:20])
+            error = (f"{len(self.mismatched)} pages at the destination differ from the paused "
+                     f"source's: {shown}{' ...' if len(self.mismatched) > 20 else ''}")
+        return {
+            "ok": bool(match and d.get("ok")),
+            "error": error,
+            "mismatched_pages": self.mismatched[:1000],
+            "mode": self.opts.mode,
+            "workload": self.opts.workload,
+            "memory_bytes": self.npages * self.page,
+            "page_size": self.page,
+            "backing": self.opts.backing,
+            "downtime_ms": round(self.downtime_ns / 1e6, 3),
+            "downtime_parts_ms": {
+                "source_pause_to_switchover": round(self._switch_part_ns() / 1e6, 3),
+                "dest_switchover_to_running": round(self.resume_ns / 1e6, 3),
+            },
+            "total_s": round(self.total_ns / 1e9, 4),
+            "precopy_rounds": len(self.rounds),
+            "rounds": self.rounds,
+            "bytes_sent": self.bytes_sent,
+            "pages": {
+                "precopy": self.counts["precopy"] + self.counts["final"],
+                "pushed": self.counts["pushed"],
+                "demand": self.counts["demand"],
+                "zero": self.counts["zero"],
+                "discarded": self.discarded,
+            },
+            "faults": d.get("faults", 0),
+            "fault_latency_us": {k: lat.get(k) for k in ("p50", "p90", "p99", "max", "histogram")},
+            "guest_ops_at_switchover": self.paused_ops,
+            "guest_ops": d.get("guest_ops"),
+            "source_digest": source_digest,
+            "received_digest": self.complete.received_digest,
+            "transfer_ok": match,
+            "digest": d.get("digest"),
+            "reference_digest": d.get("reference_digest"),
+        }
+
+    def _switch_part_ns(self) -> int:
+        return self.downtime_ns - self.resume_ns
+
+    def _failed(self, exc: BaseException) -> dict[str, Any]:
+        cause = f"{type(exc).__name__}: {exc}"
+        phase = getattr(exc, "phase", self.phase)
+        print(f"[source] migration failed during {phase}: {cause}", file=sys.stderr, flush=True)
+        if self.sockets and not self.conn.finished and self.conn.state != protocol.State.START:
+            try:
+                frames = self.conn.send(protocol.Error(self.phase, cause[:protocol.MAX_STRING]))
+                transport.send_frames(self.sockets[-2] if len(self.sockets) > 1
+                                      else self.sockets[0], frames, flags=zmq.NOBLOCK)
+            except (ProtocolError, zmq.ZMQError):
+                pass
+        return {"ok": False, "phase": phase, "error": cause, "mode": self.opts.mode,
+                "workload": self.opts.workload, "memory_bytes": self.opts.memory}
+
+    def _cleanup(self) -> None:
+        if self.guest is not None:
+            self.guest.kill()  # the destination has it all (or the migration failed and said so)
+            self.guest.close()
+        if self.fd is not None:
+            self.fd.close()
+        if getattr(self, "scanner", None) is not None:
+            self.scanner.close()
+        for sock in self.sockets:
+            sock.close(linger=0)
+        if self.ctx is not None:
+            self.ctx.term()
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--to", required=True, help="destination daemon, tcp://HOST:PORT")
+    parser.add_argument("--workload", default="kv", choices=sorted(workloads.WORKLOADS))
+    parser.add_argument("--memory", default="512M", help="guest region size (e.g. 512M, 1G)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ops", type=int, default=0, help="workload operations (0: default)")
+    parser.add_argument("--mode", default="hybrid", choices=protocol.MODES)
+    parser.add_argument("--after", type=float, default=1.0,
+                        help="seconds the guest runs here before migration starts")
+    parser.add_argument("--backing", default="anon", choices=protocol.BACKINGS)
+    parser.add_argument("--rounds", type=int, default=MAX_ROUNDS, help="pre-copy round budget")
+    parser.add_argument("--cpu", type=int, default=None, help="pin the daemon and its guest")
+    parser.add_argument("--json", action="store_true", help="print the final report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = SourceOptions(to=args.to, workload=args.workload,
+                         memory=workloads.parse_size(args.memory), seed=args.seed, ops=args.ops,
+                         mode=args.mode, after_s=args.after, backing=args.backing,
+                         max_rounds=args.rounds, cpu=args.cpu, progress=not args.json)
+    report = SourceMigration(opts).run()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0 if report.get("ok") else 1
+
+
+def print_report(report: dict[str, Any]) -> None:
+    if not report.get("ok") and "downtime_ms" not in report:
+        print(f"migration FAILED during {report.get('phase')}: {report.get('error')}")
+        return
+    lat = report["fault_latency_us"]
+    print(f"migration {'ok' if report['ok'] else 'FAILED: ' + str(report.get('error'))}: "
+          f"{report['workload']} {report['memory_bytes'] >> 20} MiB, mode {report['mode']}")
+    print(f"  downtime {report['downtime_ms']} ms, total {report['total_s']} s, "
+          f"{report['precopy_rounds']} pre-copy rounds, {report['bytes_sent'] / 1e6:,.1f} MB sent")
+    pages = report["pages"]
+    print(f"  pages: {pages['precopy']:,} pre-copy, {pages['pushed']:,} pushed, "
+          f"{pages['demand']:,} on demand, {pages['zero']:,} zero, "
+          f"{pages['discarded']:,} discarded at switchover")
+    print(f"  faults {report['faults']:,}: p50 {lat['p50']} us, p99 {lat['p99']} us, "
+          f"max {lat['max']} us")
+    print(f"  digest {report['digest']}")
+    print(f"  reference {report['reference_digest']}  "
+          f"({'match' if report['digest'] == report['reference_digest'] else 'MISMATCH'})")
