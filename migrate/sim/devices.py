@@ -339,3 +339,85 @@ def _take_frames(memory: Any, wanted: list[int], owner: str) -> list[int]:
     for pfn in others:
         memory.free(pfn)
     return got
+
+
+# ============================================================================ Machine integration
+class DmaMachineMixin:
+    """What ``Machine`` gains from this module: ``iommu``, ``add_device``, ``dma_map``,
+    ``dma_map_sg``, ``dma_unmap``, ``tick`` and the L1 data cache ``cache`` with optional page
+    colouring. Everything is created on first use, so a machine that never does DMA or cache
+    experiments pays nothing (no physical-memory hooks are installed until then)."""
+
+    physmem: Any
+
+    @property
+    def iommu(self) -> Iommu:
+        iommu = self.__dict__.get("_iommu")
+        if iommu is None:
+            from migrate.sim.iommu import Iommu
+
+            iommu = self.__dict__["_iommu"] = Iommu(self.physmem)
+        return iommu
+
+    def add_device(self, name: str, dma_bits: int = 64, **kw: Any) -> DmaDevice:
+        """A DMA-capable device with its own IOVA space (``passthrough=True``: none)."""
+        return self.iommu.add_device(name, dma_bits, **kw)
+
+    def dma_map(self, device: DmaDevice | str, frames_or_buffer: Any,
+                direction: DmaDirection | str = DmaDirection.BIDIRECTIONAL) -> tuple[int, int]:
+        """Pin ``frames_or_buffer`` (a pfn, pfns, or an object with ``.frames``) and map it for
+        ``device`` at one contiguous IOVA range; returns ``(iova, length)``."""
+        return self.iommu.dma_map(device, frames_or_buffer, direction)
+
+    def dma_map_sg(self, device: DmaDevice | str, segments: Sequence[tuple[int, int]],
+                   direction: DmaDirection | str = DmaDirection.BIDIRECTIONAL) -> DmaMapping:
+        return self.iommu.dma_map_sg(device, segments, direction)
+
+    def dma_unmap(self, device: DmaDevice | str, iova: int, length: int | None = None,
+                  **kw: Any) -> DmaMapping:
+        """Unmap (and by default unpin); strict mode flushes the IOTLB before returning."""
+        return self.iommu.dma_unmap(device, iova, length, **kw)
+
+    def tick(self, ns: int) -> None:
+        """Advance simulated time: devices make progress, flush-queue timers fire."""
+        self.iommu.clock.advance(ns)
+
+    # ------------------------------------------------------------------ the L1 data cache
+    @property
+    def cache(self) -> Any:
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            cache = self.set_cache()
+        return cache
+
+    def set_cache(self, size: int = 32 * 1024, ways: int = 8, line_size: int = 64) -> Any:
+        """Install a VIPT L1D of this geometry (default: a typical x86 32 KiB 8-way, 1 colour)."""
+        from migrate.sim.cache import CacheGeometry, VIPTCache
+
+        old = self.__dict__.get("_cache")
+        if old is not None:
+            old.flush()
+            old.detach()
+        cache = self.__dict__["_cache"] = VIPTCache(CacheGeometry(size, ways, line_size),
+                                                    self.physmem)
+        picker = self.__dict__.get("_colouring")
+        if picker is not None:
+            self.set_page_colouring(picker.enabled)
+        return cache
+
+    @property
+    def page_colouring(self) -> Any:
+        """The colour-aware frame picker for this cache's geometry (None until enabled)."""
+        return self.__dict__.get("_colouring")
+
+    def set_page_colouring(self, enabled: bool = True) -> Any:
+        """Make frame allocation for user mappings colour-aware (``colour(paddr) ==
+        colour(vaddr)``). The kernel model asks ``frame_picker`` for frames if it has one."""
+        from migrate.sim.cache import PageColouring
+
+        picker = PageColouring(self.cache.geometry, self.physmem, enabled=enabled)
+        self.__dict__["_colouring"] = picker
+        kernel = getattr(self, "kernel", None)
+        if kernel is not None and hasattr(kernel, "frame_picker"):
+            kernel.frame_picker = picker if enabled else None
+        return picker

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from migrate.sim.devices import DmaMachineMixin
 from migrate.sim.paging import DEFAULT_MAXPHYADDR, PageTable
 from migrate.sim.physmem import PhysicalMemory
 from migrate.sim.tlb import TLBConfig
@@ -26,7 +27,7 @@ class MachineConfig:
     dynamic_asids: int = 6
 
 
-class Machine:
+class Machine(DmaMachineMixin):  # iommu, add_device, dma_map/unmap, tick, cache
     """``Machine(cores=2, memory=SIZE)``: ``.cores`` (``Core``), ``.physmem``, ``.kernel``."""
 
     def __init__(self, cores: int | None = None, memory: int | None = None, *,
