@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 PAGE_SIZE = 4096
 CACHE_WRITER = "cache"
@@ -156,8 +156,10 @@ class VIPTCache:
         g = self.geometry
         # One LRU-ordered dict per set: tag (physical line number) -> line; oldest first.
         self._sets: list[OrderedDict[int, _Line]] = [OrderedDict() for _ in range(g.sets)]
-        # Latest write version of each physical line, bumped by every store that reaches it.
+        # Latest write version of each physical line, bumped by every store that reaches it, and
+        # the version memory itself holds (changed by write-backs and outside writes).
         self._version: dict[int, int] = {}
+        self._mem_version: dict[int, int] = {}
         # Where each physical line currently sits: pline -> set indexes holding a copy.
         self._where: dict[int, set[int]] = {}
         self._unsubscribe: Callable[[], None] | None = None
@@ -216,7 +218,10 @@ class VIPTCache:
                 self._writeback(victim)
         paddr_line = pline << g.line_shift
         data = bytearray(self.memory.read(paddr_line, g.line_size))
-        line = _Line(pline, data, False, self._version.get(pline, 0))
+        line = _Line(pline, data, False, self._mem_version.get(pline, 0))
+        if not for_write and line.version < self._version.get(pline, 0):
+            # Filled from memory while a newer dirty copy sits in a synonym's set.
+            self.stats["stale_reads"] += 1
         cset[pline] = line
         self.stats["fills"] += 1
         others = self._where.setdefault(pline, set())
@@ -237,6 +242,7 @@ class VIPTCache:
 
     def _writeback(self, line: _Line) -> None:
         self.stats["writebacks"] += 1
+        self._mem_version[line.pline] = line.version
         self.memory.write(line.pline << self.geometry.line_shift, bytes(line.data),
                           writer=CACHE_WRITER)
 
@@ -307,7 +313,15 @@ class VIPTCache:
                     self._writeback(line)
                 self.stats["snoop_invalidations"] += 1
             self._where.pop(pline, None)
-            self._version[pline] = self._version.get(pline, 0) + 1
+        # The outside write makes memory the newest copy of every line it touches.
+        # Only lines the cache has ever seen carry versions; untouched ones need none.
+        if last - first < 4096:
+            touched = [p for p in range(first, last + 1) if p in self._version]
+        else:
+            touched = [p for p in self._version if first <= p <= last]
+        for pline in touched:
+            version = self._version[pline] + 1
+            self._version[pline] = self._mem_version[pline] = version
 
     def detach(self) -> None:
         """Stop snooping the memory (e.g. before replacing this cache with another)."""
@@ -418,3 +432,82 @@ class PageColouring:
             return addr
         delta = (colour - self.geometry.colour(addr)) % self.colours
         return addr + delta * page
+
+
+# ===================================================================== shared-mapping experiment
+def shared_mapping_experiment(machine: Any, *, colouring: bool, sharers: int = 4,
+                              pages: int = 4) -> dict[str, Any]:
+    """Several address spaces map one shared object (a file or shm segment of ``pages`` pages)
+    and read it through ``machine.cache`` with a core's MMU; then one of them stores to every
+    page and every other one reads the page back.
+
+    Without colouring the object's frames come from the plain buddy allocator and each mapping
+    lands where a top-down mmap puts it, right below the previous region with a one-page gap,
+    without regard to colour.
+    With colouring the page-cache frame of file page ``i`` has colour ``i mod colours`` and each
+    mapping address is colour-aligned (``align_address``), so virtual and physical colours agree.
+    Returns the evidence: colours, synonyms, stale reads and the colours each mapping used.
+    """
+    from migrate.sim.mmu import Access
+
+    cache = machine.cache
+    g = cache.geometry
+    picker = PageColouring(g, machine.physmem, enabled=colouring)
+    frames = [picker.pick(i % g.colours if colouring else None, owner="shm:object",
+                          kind="pagecache") for i in range(pages)]
+    core = machine.cores[0]
+    tables = []
+    bases = []
+    for k in range(sharers):
+        pt = machine.new_page_table(owner=f"pt:proc{k}")
+        hint = 0x7F00_0000_0000 - (k + 1) * (pages + 1) * g.page_size
+        base = picker.align_address(hint, 0) if colouring else hint
+        for i, pfn in enumerate(frames):
+            pt.map(base + i * g.page_size, pfn * g.page_size, writable=True, user=True)
+        tables.append(pt)
+        bases.append(base)
+    before = dict(cache.stats)
+
+    def access(k: int, i: int, data: bytes | None = None) -> bytes:
+        core.cpl = 0                      # MOV to CR3 is privileged; the access is a user one
+        core.load_cr3(tables[k], pcid=0)
+        core.cpl = 3
+        vaddr = bases[k] + i * g.page_size + 0x40
+        paddr = core.translate(vaddr, Access.WRITE if data is not None else Access.READ)
+        if data is not None:
+            cache.write(vaddr, paddr, data)
+            return data
+        return cache.read(vaddr, paddr, 8)
+
+    saved_cpl = core.cpl
+    for k in range(sharers):
+        for i in range(pages):
+            access(k, i)
+    stale_values = 0
+    for i in range(pages):
+        value = f"gen{i:05d}".encode()           # 8 bytes, what access() reads back
+        access(0, i, value)
+        for k in range(1, sharers):
+            if access(k, i) != value:
+                stale_values += 1
+    result = {
+        "geometry": g.describe(),
+        "colouring": colouring,
+        "sharers": sharers,
+        "pages": pages,
+        "frame_colours": [picker.colour_of_pfn(p) for p in frames],
+        "mapping_colours": [g.colour(b) for b in bases],
+        "synonyms": cache.stats["synonyms"] - before["synonyms"],
+        "stale_reads": cache.stats["stale_reads"] - before["stale_reads"],
+        "stale_values_seen": stale_values,
+        "resident_synonyms": cache.resident_synonyms(),
+    }
+    core.cpl = 0
+    cache.flush()
+    core.cpl = saved_cpl
+    for pt in tables:
+        pt.destroy()
+    for pfn in frames:
+        machine.physmem.free(pfn)
+    picker.release()
+    return result

@@ -994,8 +994,8 @@ class Iommu:
     def dma_map(self, device: DmaDevice | str, frames_or_buffer: Any,
                 direction: DmaDirection | str = DmaDirection.BIDIRECTIONAL) -> tuple[int, int]:
         """Pin the frames and map them at one contiguous IOVA range; returns (iova, length)."""
-        frames = self._frames_of(frames_or_buffer)
         dev = self.device(device)
+        frames = self._frames_of(frames_or_buffer)
         ctx = self._context[dev.source_id]
         if (not self.enabled or ctx.passthrough) and any(
                 b != a + 1 for a, b in pairwise(frames)):
@@ -1012,6 +1012,7 @@ class Iommu:
         """iommu_dma_map_sg(): scattered (paddr, length) segments -> one contiguous IOVA range.
         Each segment keeps its offset within its page; the mapping's ``segments`` gives each
         one's DMA address. Returns the DmaMapping (``.iova``, ``.length``, ``.segments``)."""
+        dev = self.device(device)
         if not segments:
             raise IommuError("dma_map_sg of an empty scatterlist")
         for seg in segments:
@@ -1019,8 +1020,7 @@ class Iommu:
                     or not self.memory.is_allocated(seg[0] >> PAGE_SHIFT)):
                 raise IommuError(f"bad scatterlist segment {seg!r}: want (paddr, length > 0) in "
                                  "allocated memory")
-        return self._map_segments(self.device(device), list(segments),
-                                  DmaDirection.parse(direction))
+        return self._map_segments(dev, list(segments), DmaDirection.parse(direction))
 
     def _map_segments(self, dev: DmaDevice, segments: list[tuple[int, int]],
                       direction: DmaDirection) -> DmaMapping:

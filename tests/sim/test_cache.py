@@ -172,3 +172,44 @@ def test_align_address_gives_the_colour_asked_for() -> None:
         addr = picker.align_address(0x7000_1234, colour)
         assert addr >= 0x7000_1234 and addr % PAGE_SIZE == 0
         assert g.colour(addr) == colour
+
+
+# ----------------------------------------------------------------------------- on the machine
+def test_machine_cache_defaults_to_a_non_aliasing_x86_l1d() -> None:
+    from migrate.sim import Machine
+
+    m = Machine(memory=16 << 20)
+    assert (m.cache.geometry.size, m.cache.geometry.ways) == (32 * 1024, 8)
+    assert m.cache.colours == 1 and m.cache.synonyms == 0
+    assert set(m.cache.stats) >= {"hits", "misses", "synonyms", "stale_reads", "writebacks"}
+    m.set_cache(64 * 1024, 2)
+    assert m.cache.colours == 8
+
+
+@pytest.mark.parametrize(("size", "ways"), [(32 * 1024, 4), (64 * 1024, 2)])
+def test_shared_mappings_alias_without_colouring_and_not_with_it(size: int, ways: int) -> None:
+    from migrate.sim import Machine
+    from migrate.sim.cache import shared_mapping_experiment
+
+    m = Machine(memory=64 << 20)
+    m.set_cache(size, ways)
+    off = shared_mapping_experiment(m, colouring=False)
+    on = shared_mapping_experiment(m, colouring=True)
+    assert len(set(off["mapping_colours"])) > 1
+    assert off["synonyms"] > 0 and off["stale_reads"] > 0 and off["stale_values_seen"] > 0
+    # Colouring: every mapping's virtual colour equals its frame's, so one set per line.
+    assert all(fc == (mc + i) % m.cache.colours
+               for mc in on["mapping_colours"] for i, fc in enumerate(on["frame_colours"]))
+    assert on["synonyms"] == 0 and on["stale_reads"] == 0 and on["stale_values_seen"] == 0
+
+
+@pytest.mark.parametrize(("size", "ways"), [(32 * 1024, 8), (48 * 1024, 12)])
+def test_non_aliasing_geometry_has_no_synonyms_even_without_colouring(size: int, ways: int) -> None:
+    from migrate.sim import Machine
+    from migrate.sim.cache import shared_mapping_experiment
+
+    m = Machine(memory=64 << 20)
+    m.set_cache(size, ways)
+    off = shared_mapping_experiment(m, colouring=False)
+    assert off["geometry"]["colours"] == 1
+    assert off["synonyms"] == 0 and off["stale_values_seen"] == 0

@@ -1,0 +1,75 @@
+"""The documented public API of issue 4, on a whole ``Machine``: ``add_device``, ``iommu`` (mode,
+faults, iotlb.stats), ``dma_map``/``dma_unmap``, device ``dma_read``/``dma_write``/``wait``,
+``tick``, ``cache``. Rules are those of test_dma.py; this checks they hold through the machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from migrate.sim import Machine
+from migrate.sim.iommu import FR_WRITE, IommuError
+from migrate.sim.physmem import PAGE_SHIFT, PAGE_SIZE
+
+
+def test_worked_example_of_the_readme() -> None:
+    m = Machine(cores=2, memory=64 << 20)
+    nic = m.add_device("nic", dma_bits=32)
+    frames = [m.physmem.alloc(owner="rx-buf") for _ in range(2)]
+    iova, length = m.dma_map(nic, frames, "from_device")
+    assert (iova, length) == (0xFFFF_E000, 2 * PAGE_SIZE)      # top-down below 4 GiB
+    t = nic.dma_write(iova + 0xFF0, b"0123456789abcdefXYZ")    # crosses into frame 2
+    assert not t.done
+    m.tick(10_000)
+    assert t.done and t.status == "complete"
+    assert m.physmem.read((frames[0] << PAGE_SHIFT) + 0xFF0, 16) == b"0123456789abcdef"
+    assert m.physmem.read(frames[1] << PAGE_SHIFT, 3) == b"XYZ"
+    assert m.iommu.iotlb.stats["misses"] == 2
+    m.dma_unmap(nic, iova, length)
+    late = nic.dma_write(iova, b"late")
+    nic.wait()
+    assert late.status == "error"
+    fault = m.iommu.faults[-1]
+    assert (fault.reason, fault.device, fault.iova, fault.not_present) == (FR_WRITE, "nic", iova,
+                                                                           True)
+    assert m.iommu.mode == "strict"
+
+
+def test_lazy_mode_on_the_machine_and_tick_drains_the_queue() -> None:
+    m = Machine(memory=64 << 20)
+    m.iommu.mode = "lazy"
+    dev = m.add_device("ssd")
+    pfn = m.physmem.alloc(owner="buf")
+    iova, length = m.dma_map(dev, pfn, "bidirectional")
+    dev.dma_read(iova, 8)
+    dev.wait()
+    m.dma_unmap(dev, iova, length)
+    assert len(m.iommu.flush_queue) == 1
+    m.tick(10_000_000)
+    assert not m.iommu.flush_queue
+
+
+def test_dma_read_returns_memory_contents() -> None:
+    m = Machine(memory=16 << 20)
+    dev = m.add_device("crypto")
+    pfn = m.physmem.alloc(owner="key")
+    assert isinstance(pfn, int)
+    m.physmem.write(pfn << PAGE_SHIFT, b"secret")
+    iova, _ = m.dma_map(dev, [pfn], "to_device")
+    t = dev.dma_read(iova, 6)
+    assert dev.wait() is t and bytes(t.data) == b"secret"
+
+
+def test_machine_without_dma_installs_no_hooks() -> None:
+    m = Machine(memory=16 << 20)
+    assert "_iommu" not in m.__dict__ and "_cache" not in m.__dict__
+    assert not m.physmem._write_hooks and not m.physmem._free_hooks
+
+
+def test_bad_device_arguments() -> None:
+    m = Machine(memory=16 << 20)
+    with pytest.raises(IommuError, match="dma_bits"):
+        m.add_device("x", dma_bits=8)
+    with pytest.raises(IommuError, match="name"):
+        m.add_device("")
+    with pytest.raises(IommuError, match="no device"):
+        m.dma_map("ghost", [1], "to_device")
