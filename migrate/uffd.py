@@ -557,7 +557,10 @@ class Userfaultfd:
         n = check(lib.mig_uffd_read_events(self.fileno(), self._events, max_events),
                   "read(userfaultfd)")
         events = self._events
-        return [_decode(events[i]) for i in range(n)]
+        decoded = [_decode(events[i]) for i in range(n)]
+        if self._registered:
+            self._track(decoded)
+        return decoded
 
     def wait_events(self, timeout: float | None = None, max_events: int = 64) -> list[Event]:
         """:meth:`wait` then :meth:`read_events` in one C call."""
@@ -567,7 +570,25 @@ class Userfaultfd:
         n = check(lib.mig_uffd_wait_events(self.fileno(), self._events, max_events, ms),
                   "poll+read(userfaultfd)")
         events = self._events
-        return [_decode(events[i]) for i in range(n)]
+        decoded = [_decode(events[i]) for i in range(n)]
+        if self._registered:
+            self._track(decoded)
+        return decoded
+
+    def _track(self, events: list[Event]) -> None:
+        """Keep the registered-range bookkeeping in step with the VMAs the events describe."""
+        for ev in events:
+            kind = type(ev)
+            if kind is PageFault:
+                continue
+            if kind is Unmap:
+                self.forget_range(ev.start, ev.end)  # type: ignore[attr-defined]
+            elif kind is Remap:
+                old, new, length = ev.old, ev.new, ev.length  # type: ignore[attr-defined]
+                moved = [(max(s, old), min(e, old + length), m) for s, e, m in self._registered
+                         if s < old + length and e > old]
+                self.forget_range(old, old + length)
+                self._registered.extend((s - old + new, e - old + new, m) for s, e, m in moved)
 
     def raw_events(self) -> Any:
         """The preallocated ``struct mig_uffd_event[256]`` that read_events/wait_events fill, for
