@@ -122,6 +122,39 @@ class CacheGeometry:
                 "colours": self.colours, "aliasing": self.aliasing}
 
 
+def host_l1d_geometry(cpu: int = 0,
+                      root: str = "/sys/devices/system/cpu") -> CacheGeometry | None:
+    """This host's level-1 data cache from sysfs (Documentation/ABI/testing/sysfs-devices-system-cpu,
+    cache/indexN/{level,type,size,ways_of_associativity,coherency_line_size}); None if the kernel
+    does not expose it. ``.colours`` then says whether it can alias."""
+    import os
+
+    base = os.path.join(root, f"cpu{cpu}", "cache")
+    try:
+        indexes = sorted(d for d in os.listdir(base) if d.startswith("index"))
+    except OSError:
+        return None
+
+    def read(d: str, name: str) -> str:
+        with open(os.path.join(base, d, name)) as f:
+            return f.read().strip()
+
+    for d in indexes:
+        try:
+            if read(d, "level") != "1" or read(d, "type") not in ("Data", "Unified"):
+                continue
+            size_text = read(d, "size")
+            ways = int(read(d, "ways_of_associativity"))
+            line = int(read(d, "coherency_line_size"))
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1024, "M": 1024 * 1024}
+        size = int(size_text[:-1]) * units[size_text[-1]] if size_text[-1] in units \
+            else int(size_text)
+        return CacheGeometry(size, ways, line, os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
 @dataclass(slots=True)
 class _Line:
     pline: int          # physical line number (paddr >> line_shift); the tag is pline's frame bits

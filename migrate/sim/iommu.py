@@ -693,6 +693,12 @@ class DmaMapping:
     pinned: bool = True
     unmapped: bool = False
 
+    def describe(self) -> dict[str, Any]:
+        return {"iova": hex(self.iova), "length": self.length,
+                "direction": self.direction.value, "pinned": self.pinned,
+                "frames": [hex(p) for p in self.frames],
+                "segments": [(hex(a), n) for a, n in self.segments]}
+
 
 class Domain:
     """A DMA domain: its I/O page table, IOVA space and the bookkeeping of live mappings."""
@@ -869,8 +875,10 @@ class Iommu:
         assert domain is not None
         entry = self.iotlb.lookup(domain.did, iova)
         if entry is not None:
+            # The cached rights are the ones used (software must invalidate after changing a
+            # present entry, ch. 6.5); the fault names no level since no walk happened.
             if (write and not entry.write) or (not write and not entry.read):
-                self._fault(dev, iova, access, WalkFault(FR_WRITE if write else FR_READ, 1))
+                self._fault(dev, iova, access, WalkFault(FR_WRITE if write else FR_READ))
                 return None
             return entry.paddr_base + (iova - entry.iova_base), entry.mapped_frame
         try:
@@ -1215,6 +1223,28 @@ class Iommu:
         ctx = self._context[dev.source_id]
         maps = ctx.domain.mappings if ctx.domain is not None else dev.direct_mappings
         return [m for m in maps.values() if not m.unmapped]
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able snapshot: mode, devices with their domains and live mappings, IOTLB and
+        flush-queue state, fault and violation counts."""
+        devices = {}
+        for name, dev in self.devices.items():
+            ctx = self._context.get(dev.source_id)
+            dom = ctx.domain if ctx is not None else None
+            devices[name] = {
+                "source_id": f"{dev.source_id >> 8:02x}:{(dev.source_id >> 3) & 0x1f:02x}."
+                             f"{dev.source_id & 7}",
+                "dma_bits": dev.dma_bits,
+                "translation": "passthrough" if dom is None else f"domain {dom.did}",
+                "agaw": dom.agaw if dom is not None else None,
+                "mappings": [m.describe() for m in self.mapped(dev)],
+            }
+        return {"mode": self.mode, "enabled": self.enabled, "devices": devices,
+                "iotlb": {"entries": len(self.iotlb), "capacity": self.iotlb.capacity,
+                          **self.iotlb.stats},
+                "flush_queue": len(self.flush_queue), "faults": len(self.faults),
+                "fault_reasons": {hex(k): v for k, v in sorted(self.fault_counts().items())},
+                "violations": [v.describe() for v in self.violations], **self.stats}
 
     def fault_counts(self) -> dict[int, int]:
         out: dict[int, int] = {}

@@ -213,3 +213,32 @@ def test_non_aliasing_geometry_has_no_synonyms_even_without_colouring(size: int,
     off = shared_mapping_experiment(m, colouring=False)
     assert off["geometry"]["colours"] == 1
     assert off["synonyms"] == 0 and off["stale_values_seen"] == 0
+
+
+@pytest.mark.host
+def test_host_l1d_geometry_from_sysfs() -> None:
+    from pathlib import Path
+
+    from migrate.sim.cache import host_l1d_geometry
+
+    g = host_l1d_geometry()
+    if g is None:
+        pytest.skip("this kernel exposes no /sys/devices/system/cpu/cpu0/cache level-1 data entry")
+    index0 = Path("/sys/devices/system/cpu/cpu0/cache/index0")
+    if (index0 / "number_of_sets").exists() and (index0 / "level").read_text().strip() == "1":
+        # The kernel's own set count agrees with size / (ways x line).
+        assert g.sets == int((index0 / "number_of_sets").read_text())
+    assert g.colours == max(1, g.size // g.ways // g.page_size)
+
+
+def test_host_l1d_geometry_parses_a_fake_sysfs_tree(tmp_path: pytest.TempPathFactory) -> None:
+    from migrate.sim.cache import host_l1d_geometry
+
+    idx = tmp_path / "cpu0" / "cache" / "index0"  # type: ignore[operator]
+    idx.mkdir(parents=True)
+    for name, value in {"level": "1", "type": "Data", "size": "32K",
+                        "ways_of_associativity": "4", "coherency_line_size": "64"}.items():
+        (idx / name).write_text(value + "\n")
+    g = host_l1d_geometry(root=str(tmp_path))
+    assert g is not None and (g.size, g.ways, g.line_size) == (32768, 4, 64) and g.colours == 2
+    assert host_l1d_geometry(root=str(tmp_path / "nowhere")) is None  # type: ignore[operator]

@@ -445,3 +445,29 @@ def test_iommu_access_api_reports_fault_without_raising() -> None:
     dev = iommu.add_device("nic")
     assert iommu.access(dev, 0x1000, 4, DmaAccess.READ) is None
     assert iommu.fault_counts() == {FR_READ: 1}
+
+
+def test_iommu_disabled_means_physical_addresses_for_everyone() -> None:
+    mem, iommu = _setup()
+    dev = iommu.add_device("nic")
+    victim = mem.alloc(owner="proc:bystander")
+    assert isinstance(victim, int)
+    iommu.enabled = False                    # intel_iommu=off: no remapping at all
+    t = dev.dma_write(victim << PAGE_SHIFT, b"oops")
+    dev.wait()
+    assert t.ok and mem.read(victim << PAGE_SHIFT, 4) == b"oops"
+    assert iommu.violations[-1].current_owner == "proc:bystander"
+
+
+def test_describe_is_a_json_snapshot() -> None:
+    import json
+
+    mem, iommu = _setup()
+    dev = iommu.add_device("nic", dma_bits=32)
+    iommu.add_device("pt", passthrough=True)
+    iommu.dma_map(dev, _frames(mem, 3), "to_device")
+    snap = json.loads(json.dumps(iommu.describe()))
+    assert snap["devices"]["nic"]["translation"] == "domain 1"
+    assert snap["devices"]["pt"]["translation"] == "passthrough"
+    assert snap["devices"]["nic"]["mappings"][0]["iova"] == "0xffffc000"
+    assert snap["mode"] == "strict" and snap["maps"] == 1
