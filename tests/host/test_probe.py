@@ -1,0 +1,79 @@
+"""The fault probe against real page protections (x86-64: SDM Vol. 3A 4.6 access rights, 4.7
+page-fault error code; Linux reports them as SIGSEGV with SEGV_MAPERR for a non-present mapping
+and SEGV_ACCERR for a present one the access is not allowed on)."""
+
+from __future__ import annotations
+
+import pytest
+
+from migrate import memory
+from migrate.memory import PAGE_SIZE, Region
+from migrate.probe import probe, touch_pages
+
+pytestmark = pytest.mark.host
+
+
+def test_prot_none_guard_page_gives_accerr_at_the_exact_address():
+    with Region.anonymous(2 * PAGE_SIZE) as region:
+        region.protect("none", PAGE_SIZE, PAGE_SIZE)
+        assert not probe(region.address + PAGE_SIZE - 1, "write").faulted
+        result = probe(region.address + PAGE_SIZE + 5, "read")
+        assert result.faulted and result.signal_name == "SIGSEGV"
+        assert result.si_code_name == "SEGV_ACCERR"
+        assert result.si_addr == region.address + PAGE_SIZE + 5
+
+
+def test_write_to_read_only_page_gives_accerr_and_reads_still_work():
+    with Region.anonymous(PAGE_SIZE) as region:
+        region[0] = 0x5A
+        region.protect("r")
+        assert not probe(region.address, "read").faulted
+        result = probe(region.address + 8, "write")
+        assert (result.signal_name, result.si_code_name) == ("SIGSEGV", "SEGV_ACCERR")
+        assert result.si_addr == region.address + 8
+        assert region[0] == 0x5A
+
+
+def test_unmapped_address_gives_maperr():
+    addr = memory.mmap(PAGE_SIZE)
+    memory.munmap(addr, PAGE_SIZE)
+    result = probe(addr + 16, "read")
+    assert (result.signal_name, result.si_code_name, result.si_addr) == (
+        "SIGSEGV", "SEGV_MAPERR", addr + 16)
+    assert probe(0, "write").si_code_name == "SEGV_MAPERR"
+
+
+def test_fetch_from_rw_page_faults_and_from_rx_page_returns():
+    with Region.anonymous(2 * PAGE_SIZE) as region:
+        region[0] = 0xC3  # ret
+        region[PAGE_SIZE] = 0xC3
+        # NX (SDM 4.6: instruction fetch from a page with XD=1): RW data is not executable
+        result = probe(region.address, "fetch")
+        assert (result.signal_name, result.si_code_name) == ("SIGSEGV", "SEGV_ACCERR")
+        assert result.si_addr == region.address
+        region.protect("rx", PAGE_SIZE, PAGE_SIZE)
+        assert not probe(region.address + PAGE_SIZE, "fetch").faulted
+
+
+def test_write_probe_keeps_the_value_and_the_process_survives_many_faults():
+    with Region.anonymous(PAGE_SIZE) as region:
+        region[100] = 0x77
+        assert not probe(region.address + 100, "write").faulted
+        assert region[100] == 0x77
+        region.protect("none")
+        codes = {probe(region.address + i, "read").si_code_name for i in range(0, 4096, 512)}
+        assert codes == {"SEGV_ACCERR"}
+
+
+def test_bad_probe_arguments_are_rejected():
+    with pytest.raises(ValueError, match="probe kind"):
+        probe(0x1000, "execute")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-negative"):
+        probe(-1, "read")
+
+
+def test_toucher_reports_one_latency_per_page_and_populates():
+    with Region.anonymous(8 * PAGE_SIZE) as region:
+        lat = touch_pages((region.address, 8, PAGE_SIZE), write=True)
+        assert len(lat) == 8 and all(v > 0 for v in lat)
+        assert all(e.present for e in region.pagemap())
