@@ -252,7 +252,8 @@ def run_teardown(iommu: Iommu, order: Sequence[str] = SAFE_ORDER, *, pages: int 
                  settle_ns: int = 20_000_000) -> TeardownReport:
     """Map a receive buffer, start a device write into it, then tear down in ``order``.
 
-    Steps: "wait" (for the transfer to complete), "unmap" (dma_unmap without unpinning), "unpin",
+    Steps: "wait" (for the transfer to complete), "unmap" (dma_unmap without unpinning), "flush"
+    (drain the lazy flush queue: the IOTLB invalidation VFIO waits for), "unpin",
     "free" (the buffer's owner drops its reference; the frames really go back to the allocator only
     once no pin holds them), "late_write" (the device writes to the old IOVA again: a buggy or
     malicious device, or a descriptor the driver forgot). Steps not named are done at the end in
@@ -262,7 +263,7 @@ def run_teardown(iommu: Iommu, order: Sequence[str] = SAFE_ORDER, *, pages: int 
     """
     dev = iommu.device(device) if not isinstance(device, str) or device in iommu.devices \
         else iommu.add_device(device)
-    known = {"wait", "unmap", "unpin", "free", "late_write"}
+    known = {"wait", "unmap", "flush", "unpin", "free", "late_write"}
     bad = [s for s in order if s not in known]
     if bad:
         raise IommuError(f"unknown teardown steps {bad}: use {sorted(known)}")
@@ -298,6 +299,8 @@ def run_teardown(iommu: Iommu, order: Sequence[str] = SAFE_ORDER, *, pages: int 
         elif step == "unmap":
             if not m.unmapped:
                 iommu.dma_unmap(dev, m.iova, m.length, unpin=False)
+        elif step == "flush":
+            iommu.flush_queue_drain("teardown")     # lazy mode: end the window now
         elif step == "unpin":
             if m.pinned:
                 iommu.unpin(m)

@@ -471,3 +471,11 @@ def test_describe_is_a_json_snapshot() -> None:
     assert snap["devices"]["pt"]["translation"] == "passthrough"
     assert snap["devices"]["nic"]["mappings"][0]["iova"] == "0xffffc000"
     assert snap["mode"] == "strict" and snap["maps"] == 1
+
+
+def test_lazy_mode_is_safe_when_unpin_waits_for_the_flush() -> None:
+    # VFIO type1's rule (vfio_unmap_unpin: unpin only after iommu_iotlb_sync) closes the window
+    # even with a deferred-invalidation domain.
+    _, iommu = _setup("lazy")
+    r = run_teardown(iommu, ("wait", "unmap", "flush", "unpin", "free", "late_write"))
+    assert r.safe and [f.reason for f in r.faults] == [FR_WRITE] * 4
