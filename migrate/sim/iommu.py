@@ -844,9 +844,14 @@ class Iommu:
         dev = self.device(device)
         if self.mapped(dev):
             raise IommuError(f"{dev.name} still has live DMA mappings")
+        if any(e.did == getattr(self._context[dev.source_id].domain, "did", None)
+               for e in self.flush_queue):
+            self.flush_queue_drain("device removal")
         ctx = self._context.pop(dev.source_id)
         if ctx.domain is not None:
             self.iotlb.invalidate_domain(ctx.domain.did)
+            ctx.domain.pagetable.free_tables()
+            del self._domains[ctx.domain.did]
         del self.devices[dev.name]
         self.clock.actors.remove(dev)
 
