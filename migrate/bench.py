@@ -13,7 +13,10 @@ import sys
 from typing import Any, Callable
 
 # target -> ("module:function", help). The function takes the parsed args and returns a dict.
-TARGETS: dict[str, tuple[str, str]] = {}
+TARGETS: dict[str, tuple[str, str]] = {
+    "local": ("migrate.bench_local:run", "local fault service latency: Python vs C handler"),
+    "migrate": ("migrate.bench_migrate:run", "loopback floor, then kv migrations in each mode"),
+}
 
 
 def _load(spec: str) -> Callable[[argparse.Namespace], dict[str, Any]]:

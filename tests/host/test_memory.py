@@ -58,9 +58,8 @@ def test_remap_grows_the_region_and_keeps_the_data():
 
 
 def test_fixed_noreplace_refuses_an_occupied_address():
-    with Region.anonymous(PAGE_SIZE) as region:
-        with pytest.raises(FileExistsError, match="mmap"):
-            Region.anonymous(PAGE_SIZE, address=region.address, fixed_noreplace=True)
+    with Region.anonymous(PAGE_SIZE) as region, pytest.raises(FileExistsError, match="mmap"):
+        Region.anonymous(PAGE_SIZE, address=region.address, fixed_noreplace=True)
 
 
 def test_process_vm_read_write_and_pagemap_scan_on_a_child(reap):
