@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import mmap
 import os
 import re
@@ -71,15 +72,21 @@ class WorkloadSpec:
     kind: int  # WL_KIND_* of native/wl_workloads.c
     description: str
     access_pattern: str
-    # Operations that take about 3 s at 512 MiB on the reference machine (2-core AMD EPYC VM,
-    # see ``calibrate``); default_ops scales it linearly with the region size.
+    # Operations that take about 3 s at 512 MiB after init on the reference machine (2-core AMD
+    # EPYC VM; measured with ``benchmark``, medians of 3 runs).
     ops_per_512mib: int
     min_ops: int = 10_000
 
     def default_ops(self, size: int | str) -> int:
-        """A count that keeps the guest busy long enough to be migrated mid-run (~3 s at 512 MiB)."""
+        """A count that keeps the guest busy long enough to be migrated mid-run.
+
+        It grows with the square root of the size (4x the memory, 2x the operations): each
+        operation also gets slower in a bigger region (more cache and TLB misses), so a linear
+        rule would turn 3 s at 512 MiB into about a minute at 4 GiB. Measured here: about 3 s at
+        512 MiB, 0.2-0.5 s at 16 MiB, 10-20 s at 4.5 GiB."""
         nbytes = parse_size(size)
-        return max(self.min_ops, self.ops_per_512mib * nbytes // _CALIBRATION_SIZE)
+        scaled = self.ops_per_512mib * math.isqrt(nbytes * _CALIBRATION_SIZE) // _CALIBRATION_SIZE
+        return max(self.min_ops, scaled)
 
     def init_steps(self, size: int | str) -> int:
         """Work units of the init phase (preloading, permutation building, page marking)."""

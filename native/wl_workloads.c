@@ -24,7 +24,7 @@
 /* wl_rotl64 and wl_xxh64 come from wl_digest.c, which build.py includes before this file (the
  * .c files are included in name order into one translation unit). */
 
-#define WL_VERSION 1
+#define WL_VERSION 2
 #define WL_MAGIC 0x31304c574749524dULL /* "MIGRWL01" little-endian */
 #define WL_CONTROL_SIZE 4096
 #define WL_MIN_SIZE (1024 * 1024)
@@ -295,42 +295,50 @@ static uint64_t wl_zipf_sample(const struct wl_zipf *z, uint64_t rng[4])
     }
 }
 
-/* A 4-round balanced Feistel network on 2*half bits, cycle-walked into [0, n): a keyed bijection
- * of [0, n) that costs O(1) and no memory (Black & Rogaway's cycle walking: the expected number
- * of walks is below 4 because 2^(2*half) < 4n). */
+/* A 4-round Feistel network on the `bits`-bit integers (unbalanced when bits is odd: the halves
+ * swap widths each round, and an even number of rounds restores them), cycle-walked into [0, n):
+ * a keyed bijection of [0, n) in O(1) time and no memory. bits = ceil(log2 n), so fewer than two
+ * walks are needed on average (Black & Rogaway, "Ciphers with arbitrary finite domains", 2002). */
 struct wl_perm {
-    uint64_t n, mask;
-    unsigned half;
+    uint64_t n;
+    unsigned lbits, rbits; /* widths of the left and right halves at rounds 0 and 2 */
     uint64_t keys[4];
 };
 
-static unsigned wl_perm_half_bits(uint64_t n)
+static unsigned wl_perm_bits(uint64_t n)
 {
-    unsigned bits = 1;
-    while (bits < 64 && (1ULL << bits) < n)
+    unsigned bits = 2;
+    while (bits < 63 && (1ULL << bits) < n)
         bits++;
-    return (bits + 1) / 2;
+    return bits;
 }
 
-static void wl_perm_setup(struct wl_perm *p, uint64_t n, unsigned half, uint64_t seed, uint64_t tag)
+static void wl_perm_setup(struct wl_perm *p, uint64_t n, unsigned bits, uint64_t seed, uint64_t tag)
 {
     p->n = n;
-    p->half = half;
-    p->mask = (1ULL << half) - 1;
+    p->rbits = bits / 2;
+    p->lbits = bits - p->rbits;
     for (int k = 0; k < 4; k++)
         p->keys[k] = wl_mix(seed ^ (tag + (uint64_t)k));
 }
 
+static inline uint64_t wl_low_bits(uint64_t x, unsigned bits) { return x & ((1ULL << bits) - 1); }
+
+/* Round k maps (l: a bits, r: b bits) to (r, l ^ F_k(r) mod 2^a); a and b alternate. */
 static inline uint64_t wl_perm_fwd(const struct wl_perm *p, uint64_t x)
 {
     do {
-        uint64_t l = x >> p->half, r = x & p->mask;
+        unsigned a = p->lbits, b = p->rbits;
+        uint64_t l = x >> b, r = wl_low_bits(x, b);
         for (int k = 0; k < 4; k++) {
-            uint64_t t = l ^ (wl_mix(r ^ p->keys[k]) & p->mask);
+            uint64_t t = l ^ wl_low_bits(wl_mix(r ^ p->keys[k]), a);
             l = r;
             r = t;
+            unsigned w = a;
+            a = b;
+            b = w;
         }
-        x = (l << p->half) | r;
+        x = (l << b) | r;
     } while (x >= p->n);
     return x;
 }
@@ -338,13 +346,18 @@ static inline uint64_t wl_perm_fwd(const struct wl_perm *p, uint64_t x)
 static inline uint64_t wl_perm_inv(const struct wl_perm *p, uint64_t x)
 {
     do {
-        uint64_t l = x >> p->half, r = x & p->mask;
+        unsigned a = p->lbits, b = p->rbits; /* widths after round 3 equal those before round 0 */
+        uint64_t l = x >> b, r = wl_low_bits(x, b);
         for (int k = 3; k >= 0; k--) {
-            uint64_t t = r ^ (wl_mix(l ^ p->keys[k]) & p->mask);
-            r = l;
-            l = t;
+            /* before round k the left half had width (k even ? lbits : rbits) */
+            unsigned wa = (k % 2 == 0) ? p->lbits : p->rbits;
+            uint64_t prev_r = l;
+            uint64_t prev_l = r ^ wl_low_bits(wl_mix(l ^ p->keys[k]), wa);
+            l = prev_l;
+            r = prev_r;
         }
-        x = (l << p->half) | r;
+        (void)a;
+        x = (l << b) | r;
     } while (x >= p->n);
     return x;
 }
@@ -357,7 +370,7 @@ static inline uint64_t wl_perm_inv(const struct wl_perm *p, uint64_t x)
 
 /* kv: slots of 64 bytes {key, version, payload[6]}, key 0 = empty; open addressing with linear
  *     probing; keys 1..nkeys preloaded (50% load), then Zipf-ranked gets (80%) and in-place
- *     puts (20%). param: [0] nslots, [1] nkeys, [2] hash permutation half width (bits).
+ *     puts (20%). param: [0] nslots, [1] nkeys, [2] width in bits of the home-slot permutation.
  * stream: 64-byte lines; sweep s adds a constant c(s) to every word of a window of nlines/4 lines
  *     starting at line s*nlines/16 (wrapping), so writes move sequentially through the region.
  *     param: [0] nlines, [1] window, [2] step. cursor: [0] sweep, [1] line within the sweep.
@@ -367,7 +380,7 @@ static inline uint64_t wl_perm_inv(const struct wl_perm *p, uint64_t x)
  *     param: [0] nnodes. cursor: [0] current node.
  * sparse: a keyed Feistel permutation of the data pages picks nhot = npages/10 of them; init marks
  *     each (word 0), ops read-modify-write a random word of a random marked page; every other page
- *     is never touched. param: [0] npages, [1] nhot, [2] Feistel half width in bits. */
+ *     is never touched. param: [0] npages, [1] nhot, [2] width in bits of the page permutation. */
 
 #define WL_KV_SLOT_WORDS 8
 #define WL_LINE_WORDS 8
@@ -387,7 +400,7 @@ static uint64_t wl_layout(int kind, uint64_t size, uint64_t seed, uint64_t param
     case WL_KIND_KV:
         param[0] = data / (WL_KV_SLOT_WORDS * 8);
         param[1] = param[0] / 2;
-        param[2] = wl_perm_half_bits(param[0]);
+        param[2] = wl_perm_bits(param[0]);
         return param[0]; /* init visits every slot once, in address order */
     case WL_KIND_STREAM:
         param[0] = data / (WL_LINE_WORDS * 8);
@@ -400,7 +413,7 @@ static uint64_t wl_layout(int kind, uint64_t size, uint64_t seed, uint64_t param
     case WL_KIND_SPARSE: {
         param[0] = data / WL_PAGE_SIZE;
         param[1] = param[0] / 10 ? param[0] / 10 : 1;
-        param[2] = wl_perm_half_bits(param[0]);
+        param[2] = wl_perm_bits(param[0]);
         return param[1];
     }
     }
@@ -828,6 +841,7 @@ int wl_run(uint8_t *base, uint64_t max_ops)
     memcpy(s.rng, c->rng, sizeof s.rng);
     memcpy(s.cursor, c->cursor, sizeof s.cursor);
     s.budget_left = max_ops ? max_ops : UINT64_MAX;
+    wl_publish(&s); /* a resumed region shows its own progress at once, not the last publish */
 
     int status = -1;
     if (s.init_done < c->init_total) {
