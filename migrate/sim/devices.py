@@ -51,6 +51,7 @@ class Transfer:
     completed_ns: int | None = None
     bytes_done: int = 0
     faults: list[IommuFault] = field(default_factory=list)
+    aborted_bursts: int = 0         # bursts to addresses with no memory behind them
     chunks: list[tuple[int, int, int]] = field(default_factory=list)   # (iova, n, offset)
     next_chunk: int = 0
 
@@ -60,13 +61,13 @@ class Transfer:
 
     @property
     def ok(self) -> bool:
-        return self.done and not self.faults
+        return self.done and not self.faults and not self.aborted_bursts
 
     @property
     def status(self) -> str:
         if self.completed_ns is None:
             return "pending" if self.started_ns is None else "in-flight"
-        return "error" if self.faults else "complete"
+        return "error" if self.faults or self.aborted_bursts else "complete"
 
 
 class DmaDevice:
@@ -88,6 +89,7 @@ class DmaDevice:
         # dma-iommu's pci_32bit_workaround: try IOVAs below 4 GiB first (cleared on failure).
         self.pci_32bit_workaround = True
         self.stats = {"transfers": 0, "bursts": 0, "faulted_bursts": 0, "bytes": 0}
+        self.aborted_bursts = 0
 
     def __repr__(self) -> str:
         return f"DmaDevice({self.name!r}, dma_bits={self.dma_bits}, sid={self.source_id:#06x})"
@@ -153,7 +155,7 @@ class DmaDevice:
         addr, n, offset = t.chunks[t.next_chunk]
         t.next_chunk += 1
         self.stats["bursts"] += 1
-        nfaults = len(self.iommu.faults)
+        nfaults, naborted = len(self.iommu.faults), self.aborted_bursts
         if t.kind == "write":
             result = self.iommu.access(self, addr, n, DmaAccess.WRITE,
                                        bytes(t.data[offset:offset + n]))
@@ -164,6 +166,7 @@ class DmaDevice:
         if result is None:
             self.stats["faulted_bursts"] += 1
             t.faults.extend(self.iommu.faults[nfaults:])
+            t.aborted_bursts += self.aborted_bursts - naborted
         else:
             t.bytes_done += n
             self.stats["bytes"] += n

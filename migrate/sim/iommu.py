@@ -910,9 +910,11 @@ class Iommu:
             return None
         paddr, mapped_frame = result
         if paddr + n > self.memory.size:
-            # A translation to non-existent memory: the request is aborted (no data).
-            self.faults.append(IommuFault(self.clock.now, dev.name, dev.source_id, iova,
-                                          access.value, FR_PAGING_ENTRY_INVALID, 1))
+            # No memory there: the memory controller aborts the request. Not a remapping fault,
+            # so it is not in the fault log; the device sees an aborted burst.
+            self.events.append(f"{dev.name}: {access.value} of {n} bytes at paddr {paddr:#x} "
+                               f"(IOVA {iova:#x}) aborted: no memory at that address")
+            dev.aborted_bursts += 1
             return None
         self._check_reach(dev, iova, paddr, access, mapped_frame)
         if access is DmaAccess.WRITE:
@@ -1107,6 +1109,8 @@ class Iommu:
                 self._mapped_frames.pop(pfn, None)
 
     def _on_frame_freed(self, pfn: int, order: int, owner: str | None) -> None:
+        if not self._mapped_frames:
+            return
         for p in range(pfn, pfn + (1 << order)):
             if p in self._mapped_frames:
                 self.events.append(f"DMA-API: frame {p:#x} (owner {owner!r}) freed while still "

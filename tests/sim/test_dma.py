@@ -493,3 +493,12 @@ def test_iova_spaces_demo_evidence() -> None:
     assert nic["landed_in_own_frames"] and gpu["landed_in_own_frames"]
     assert ev["cross_domain_probe"]["status"] == "error"
     assert mem.allocated_frames() == before      # page tables and buffers all given back
+
+
+def test_dma_to_a_physical_address_with_no_memory_is_aborted_not_a_dmar_fault() -> None:
+    mem, iommu = _setup()
+    dev = iommu.add_device("pt", passthrough=True)
+    t = dev.dma_write(mem.size + PAGE_SIZE, b"void")
+    dev.wait()
+    assert t.status == "error" and t.aborted_bursts == 1 and not t.faults
+    assert not iommu.faults and "no memory" in iommu.events[-1]
