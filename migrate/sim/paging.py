@@ -28,6 +28,9 @@ PAT_LARGE = 1 << 12  # PAT bit of a 2 MiB / 1 GiB leaf
 PKEY_SHIFT = 59
 PKEY_MASK = 0xF << PKEY_SHIFT  # bits 62:59, protection key of a leaf when CR4.PKE=1
 XD = 1 << 63
+# Software bit for a PROT_NONE leaf: P=0 makes the hardware ignore every other bit (SDM 4.5), so
+# the OS may keep the frame number there (Linux uses _PAGE_PROTNONE for the same purpose).
+SW_PROTNONE = 1 << 10
 
 DEFAULT_MAXPHYADDR = 46
 SIZE_4K = 1 << 12
@@ -301,9 +304,16 @@ class PageTable:
 
     def _leaf_step(self, vaddr: int) -> WalkStep:
         step = self.entries(vaddr)[-1]
-        if not (step.entry.present and step.entry.leaf):
+        if not ((step.entry.present or step.entry.raw & SW_PROTNONE) and step.entry.leaf):
             raise PagingError(f"{vaddr:#x} is not mapped")
         return step
+
+    def leaf(self, vaddr: int) -> Entry | None:
+        """The leaf for ``vaddr`` including PROT_NONE ones (P=0 with ``SW_PROTNONE``)."""
+        step = self.entries(vaddr)[-1]
+        if (step.entry.present or step.entry.raw & SW_PROTNONE) and step.entry.leaf:
+            return step.entry
+        return None
 
     def unmap(self, vaddr: int) -> Entry:
         """Clear the leaf mapping ``vaddr`` and return the old entry. No TLB is touched: the
@@ -352,8 +362,10 @@ class PageTable:
         return self.update(vaddr, set_bits=set_bits, clear_bits=clear_bits)
 
     # ------------------------------------------------------------ enumeration / teardown
-    def mappings(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, Entry]]:
-        """Every present leaf as (vaddr, entry), in address order, within [start, end)."""
+    def mappings(self, start: int = 0, end: int | None = None, *,
+                 include_protnone: bool = False) -> Iterator[tuple[int, Entry]]:
+        """Every present leaf as (vaddr, entry), in address order, within [start, end); with
+        ``include_protnone`` also non-present leaves carrying ``SW_PROTNONE``."""
         top = 1 << (57 if self.la57 else 48)
 
         def internal(va: int) -> int:  # canonical address -> offset in the walked space
@@ -376,6 +388,8 @@ class PageTable:
                     continue
                 raw = int.from_bytes(data[index * 8:index * 8 + 8], "little")
                 if not raw & P:
+                    if include_protnone and raw & SW_PROTNONE and (level == 1 or raw & PS):
+                        yield sign_extend(lo), Entry(raw, level, self.maxphyaddr)
                     continue
                 entry = Entry(raw, level, self.maxphyaddr)
                 if entry.leaf:
