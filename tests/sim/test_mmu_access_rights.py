@@ -234,6 +234,7 @@ def test_pk_flag_set_alongside_ordinary_write_protection() -> None:
 def test_pke_off_ignores_key_bits() -> None:
     """SDM 4.6.2: with CR4.PKE=0 no key is associated with addresses; bits 62:59 are ignored."""
     _m, _pt, core = _single_page(pkey=7)
+    core.cr4_pke = False  # (the kernel model turns it on at boot)
     core.pkru = 0xFFFF_FFFF
     core.cpl = 3
     core.translate(0x7000_0000, Access.WRITE)
@@ -243,5 +244,6 @@ def test_wrpkru_without_pke_is_ud() -> None:
     from migrate.sim.mmu import InvalidOpcode
 
     _m, _pt, core = _single_page()
+    core.cr4_pke = False
     with pytest.raises(InvalidOpcode):
         core.wrpkru(0)
