@@ -133,6 +133,15 @@ static inline double wl_unit_double(uint64_t r)
     return (double)(r >> 11) * 0x1.0p-53; /* [0, 1) with 53 random bits */
 }
 
+/* The floating-point code below must round the same way in every build: no fused multiply-add
+ * contraction even when someone compiles with -march=native on an FMA-capable CPU. */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 /* ------------------------------------------------------------------------------------------ */
 /* Deterministic log/exp for the Zipf sampler (accurate to a few ulp; only + - * / used).     */
 
@@ -294,6 +303,10 @@ static uint64_t wl_zipf_sample(const struct wl_zipf *z, uint64_t rng[4])
             return k;
     }
 }
+
+#if !defined(__clang__) && defined(__GNUC__)
+#pragma GCC pop_options
+#endif
 
 /* A 4-round Feistel network on the `bits`-bit integers (unbalanced when bits is odd: the halves
  * swap widths each round, and an even number of rounds restores them), cycle-walked into [0, n):
