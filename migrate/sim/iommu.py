@@ -945,6 +945,9 @@ class Iommu:
         live = domain is not None and self._iova_live(domain, iova)
         if current is not mapped_frame:
             state = "reallocated" if current is not None else "free"
+            if mapped_frame.pfn != pfn & ~((1 << mapped_frame.order) - 1):
+                # Unpinned too early, the frame was moved (compaction): the mapping is stale.
+                state += f" (its contents migrated to pfn {mapped_frame.pfn:#x})"
             self.violations.append(DmaViolation(
                 self.clock.now, "use-after-free", dev.name, iova, paddr, access.value,
                 mapped_frame.owner, now_owner,
@@ -1086,10 +1089,25 @@ class Iommu:
         seg_addrs = []
         for (paddr, length), pages in zip(segments, seg_pages, strict=True):
             seg_addrs.append(((page << PAGE_SHIFT) | (paddr & (PAGE_SIZE - 1)), length))
-            for pfn in pages:
-                domain.pagetable.map(page << PAGE_SHIFT, pfn << PAGE_SHIFT, read=read, write=write)
-                domain.frame_of_page[page] = (pfn, self.memory.frame(pfn))
-                page += 1
+            page += len(pages)
+        # Install the leaves with the largest page size that fits (iommu_map()/iommu_pgsize():
+        # IOVA and physical address both aligned, and a run of contiguous frames that long).
+        k = 0
+        while k < npages:
+            page, pfn = iova_pfn + k, frames[k]
+            span = 1
+            for size, level in sorted(PAGE_SIZES.items(), reverse=True):
+                n = size >> PAGE_SHIFT
+                if (level > 1 and page % n == 0 and pfn % n == 0 and k + n <= npages
+                        and frames[k + n - 1] == pfn + n - 1
+                        and all(frames[k + j] == pfn + j for j in range(n))):
+                    span = n
+                    break
+            domain.pagetable.map(page << PAGE_SHIFT, pfn << PAGE_SHIFT, span << PAGE_SHIFT,
+                                 read=read, write=write)
+            for j in range(span):
+                domain.frame_of_page[page + j] = (pfn + j, self.memory.frame(pfn + j))
+            k += span
         first_addr = seg_addrs[0][0]
         # The contiguous IOVA span from the first segment's start to the last one's end.
         total = seg_addrs[-1][0] + seg_addrs[-1][1] - first_addr
@@ -1158,8 +1176,10 @@ class Iommu:
                 self.unpin(m)
             return m
         domain = ctx.domain
-        for k in range(m.mapped_pages):
-            domain.pagetable.unmap((m.iova_pfn + k) << PAGE_SHIFT)
+        k = 0
+        while k < m.mapped_pages:
+            size = domain.pagetable.unmap((m.iova_pfn + k) << PAGE_SHIFT)
+            k += max(1, size >> PAGE_SHIFT)
         if self._mode == "strict":
             self._flush_range(domain, m.iova_pfn, m.mapped_pages)
             domain.iovad.free_iova_fast(m.iova_pfn, m.iova_pages)

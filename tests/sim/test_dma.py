@@ -502,3 +502,38 @@ def test_dma_to_a_physical_address_with_no_memory_is_aborted_not_a_dmar_fault() 
     dev.wait()
     assert t.status == "error" and t.aborted_bursts == 1 and not t.faults
     assert not iommu.faults and "no memory" in iommu.events[-1]
+
+
+def test_physically_contiguous_aligned_buffer_is_mapped_with_a_2m_superpage() -> None:
+    # iommu_map() picks the largest page size both addresses are aligned to (iommu_pgsize()).
+    mem, iommu = _setup(forcedac=True)
+    dev = iommu.add_device("gpu")
+    block = mem.alloc(9, owner="huge-buf")
+    assert isinstance(block, int)
+    frames = list(range(block, block + 512))
+    iova, length = iommu.dma_map(dev, frames, "bidirectional")
+    assert length == 2 * MiB and iova % (2 * MiB) == 0
+    pt = iommu.domain_of(dev).pagetable
+    assert [lvl for lvl, _ in pt.entries(iova)] == [4, 3, 2]     # a level-2 leaf (PS=1)
+    t = dev.dma_write(iova, b"z" * length)
+    dev.wait()
+    assert t.ok and iommu.iotlb.stats["misses"] == 1 and iommu.iotlb.stats["hits"] == 511
+    iommu.dma_unmap(dev, iova, length)
+    assert pt.leaf_address(iova) is None
+
+
+def test_unpinned_frame_moved_by_compaction_then_written_is_detected() -> None:
+    mem, iommu = _setup()
+    dev = iommu.add_device("nic")
+    (pfn,) = _frames(mem, 1, owner="buf")
+    iova, _ = iommu.dma_map(dev, [pfn], "from_device")
+    m = iommu.find_mapping(dev, iova)
+    iommu.unpin(m)                          # wrong: still mapped, no longer pinned
+    assert mem.compact() > 0 and mem.frame(m.frame_objs[0].pfn).owner == "buf"
+    moved_to = m.frame_objs[0].pfn
+    assert moved_to != pfn
+    t = dev.dma_write(iova, b"stale")
+    dev.wait()
+    v = iommu.violations[-1]
+    assert t.ok and v.kind == "use-after-free" and "migrated" in v.detail
+    assert mem.read(moved_to << PAGE_SHIFT, 5) != b"stale"    # the data went to the old place
