@@ -276,6 +276,9 @@ class Userfaultfd:
                     f"userfaultfd feature {names or wanted!s}",
                     f"kernel {os.uname().release} offers only {_names(offered)}",
                 )
+            if ret == -1 and wanted & Feature.EVENT_FORK:  # EPERM
+                raise CapabilityError("userfaultfd feature EVENT_FORK",
+                                      "the kernel allows it only with CAP_SYS_PTRACE")
             check(ret, "ioctl(UFFDIO_API)")
             # The kernel answers with every feature it offers; the ones enabled on this fd are
             # exactly those requested (fs/userfaultfd.c: ctx->features = requested).
