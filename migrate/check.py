@@ -145,7 +145,7 @@ def _thp() -> dict[str, Any]:
 
 
 def _hugetlb() -> list[dict[str, Any]]:
-    sizes = []
+    sizes: list[dict[str, Any]] = []
     root = pathlib.Path("/sys/kernel/mm/hugepages")
     if not root.is_dir():
         return sizes

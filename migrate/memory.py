@@ -232,6 +232,16 @@ def _check_aligned(address: int, what: str, page_size: int = PAGE_SIZE) -> None:
 # Region
 
 
+class _MemfdAttribute:
+    """``Region.memfd(size, ...)`` is a constructor; ``region.memfd`` is that region's fd (or
+    None). One name for both, as the API promises, via this descriptor."""
+
+    def __get__(self, obj: Region | None, objtype: type[Region]) -> Any:
+        if obj is None:
+            return objtype._new_memfd
+        return obj._memfd
+
+
 class Region:
     """An mmap'd range. Use the constructors :meth:`anonymous`, :meth:`memfd`, :meth:`from_fd`."""
 
@@ -241,7 +251,7 @@ class Region:
         self.address = address
         self.size = size
         self.page_size = page_size
-        self.memfd = memfd
+        self._memfd = memfd
         self.shared = shared
         self.kind = kind
         self._owns_fd = owns_fd
@@ -278,8 +288,8 @@ class Region:
         return region
 
     @classmethod
-    def memfd(cls, size: int, name: str = "migrate", hugetlb: str | None = None,
-              shared: bool = True, prot: Any = "rw") -> Region:
+    def _new_memfd(cls, size: int, name: str = "migrate", hugetlb: str | None = None,
+                   shared: bool = True, prot: Any = "rw") -> Region:
         """Memory backed by a new memfd (shmem, or hugetlbfs with ``hugetlb``), mapped shared by
         default; ``.memfd`` is the fd (closed with the region), e.g. to send over SCM_RIGHTS."""
         page_size = HUGE_PAGE_SIZES[_norm_huge(hugetlb)] if hugetlb else PAGE_SIZE
@@ -306,6 +316,8 @@ class Region:
         addr = mmap(size, prot, flags, fd, offset)
         return cls(addr, size, page_size=page_size, memfd=fd, owns_fd=False, shared=shared,
                    kind="fd")
+
+    memfd = _MemfdAttribute()
 
     # -- geometry -------------------------------------------------------------------------
     @property
@@ -431,9 +443,9 @@ class Region:
         self._release_views()
         self._closed = True
         check(lib.mig_munmap(self.address, self.size), "munmap")
-        if self._owns_fd and self.memfd is not None:
-            os.close(self.memfd)
-            self.memfd = None
+        if self._owns_fd and self._memfd is not None:
+            os.close(self._memfd)
+            self._memfd = None
 
     def __enter__(self) -> Self:
         return self

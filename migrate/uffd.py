@@ -72,10 +72,11 @@ class Feature(enum.IntFlag):
             if unknown:
                 raise ValueError(f"unknown userfaultfd feature bits {unknown:#x}")
             return cls(value)
+        parts: Iterable[Any]
         if isinstance(value, str):
-            parts: Iterable[Any] = [p for p in value.replace(",", "|").split("|") if p.strip()]
+            parts = [p for p in value.replace(",", "|").split("|") if p.strip()]
         else:
-            parts = value
+            parts = value  # type: ignore[assignment]
         result = cls(0)
         for part in parts:
             if isinstance(part, cls):
