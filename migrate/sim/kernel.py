@@ -279,6 +279,10 @@ class Process:
         else:
             start = self._free_range(length + (align - PAGE_SIZE), addr)
             start = (start + align - 1) & ~(align - 1)
+        if shared and file is None:
+            # MAP_SHARED|MAP_ANONYMOUS is shmem: an unnamed file, so fork shares its pages.
+            file = self.kernel.create_file(f"shmem:{self.pid}:{start:#x}", length)
+            name = name or "/dev/zero (deleted)"
         vma = VMA(start, start + length, prot_bits, shared, file, offset, name, huge=huge)
         self._insert_vma(vma)
         if populate:
@@ -846,7 +850,10 @@ class Kernel:
                     try:
                         pfn = self._new_anon(proc, vma, ORDER_2M)
                     except OutOfMemory:
-                        proc.fault_log[-1].resolution = "thp-fallback"
+                        # Fragmentation: no order-9 block. THP falls back to a 4 KiB page.
+                        pfn = self._new_anon(proc, vma)
+                        self._install(proc, vma, va, pfn, writable=self._pte_writable(vma, pfn))
+                        return "thp-fallback"
                     else:
                         self._install(proc, vma, base, pfn, writable=bool(
                             vma.prot & PROT_WRITE), size=SIZE_2M)
