@@ -544,3 +544,73 @@ def shared_mapping_experiment(machine: Any, *, colouring: bool, sharers: int = 4
         machine.physmem.free(pfn)
     picker.release()
     return result
+
+
+def kernel_shared_file_experiment(machine: Any, *, colouring: bool, sharers: int = 4,
+                                  pages: int = 4) -> dict[str, Any]:
+    """The same question asked of the OS model: ``sharers`` processes ``mmap`` one file
+    MAP_SHARED, each with an address hint one page further along (so, left alone, the mappings
+    fall on different colours), fault it in, and read it through ``machine.cache``; one process
+    then stores to each page and the others load it back.
+
+    With ``colouring`` the kernel allocates page-cache frames through the colouring picker
+    (colour = file page index) and colour-aligns shared mappings to their file offset, as
+    aliasing architectures do; the synonym count must then be zero."""
+    kernel = machine.kernel
+    if not hasattr(kernel, "frame_picker"):
+        raise RuntimeError("this kernel model has no frame_picker hook: page colouring "
+                           "cannot be switched on")
+    picker = machine.set_page_colouring(colouring)
+    cache = machine.cache
+    g = cache.geometry
+    size = pages * g.page_size
+    name = f"coloured-{len(kernel.files)}"
+    f = kernel.create_file(name, size, {0: bytes(range(256)) * (size // 256)})
+    procs, bases = [], []
+    for k in range(sharers):
+        proc = kernel.spawn(f"sharer{k}")
+        hint = 0x7E00_0000_0000 + k * (pages + 2) * g.page_size + k * g.page_size
+        bases.append(proc.mmap(hint, size, "rw", shared=True, file=f.name))
+        procs.append(proc)
+    before = dict(cache.stats)
+
+    def paddr_of(k: int, va: int) -> int:
+        procs[k].read(va, 1)                     # fault the page in through the MMU
+        paddr = procs[k].translate(va)
+        assert paddr is not None
+        return paddr
+
+    mapping_colours = []
+    frame_colours = []
+    for k in range(sharers):
+        mapping_colours.append(g.colour(bases[k]))
+        for i in range(pages):
+            va = bases[k] + i * g.page_size + 0x80
+            pa = paddr_of(k, va)
+            if k == 0:
+                frame_colours.append(g.colour(pa))
+            cache.read(va, pa, 8)
+    stale_values = 0
+    for i in range(pages):
+        value = f"page{i:04d}".encode()
+        va0 = bases[0] + i * g.page_size + 0x80
+        cache.write(va0, paddr_of(0, va0), value)
+        for k in range(1, sharers):
+            va = bases[k] + i * g.page_size + 0x80
+            if cache.read(va, paddr_of(k, va), 8) != value:
+                stale_values += 1
+    result = {
+        "geometry": g.describe(), "colouring": colouring, "sharers": sharers, "pages": pages,
+        "mapping_colours": mapping_colours, "frame_colours": frame_colours,
+        "colours_agree": all(g.colour(bases[k] + i * g.page_size)
+                             == g.colour(procs[k].translate(bases[k] + i * g.page_size) or 0)
+                             for k in range(sharers) for i in range(pages)),
+        "synonyms": cache.stats["synonyms"] - before["synonyms"],
+        "stale_reads": cache.stats["stale_reads"] - before["stale_reads"],
+        "stale_values_seen": stale_values,
+        "picker": dict(picker.stats),
+    }
+    cache.flush()
+    for proc in procs:
+        kernel.exit(proc)
+    return result

@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from migrate.sim.loader import STACK_GUARD_GAP, Layout, Loader
 from migrate.sim.mmu import PF_P, PF_PK, PF_RSVD, PF_WR, Access, Core, PageFault
@@ -277,8 +277,13 @@ class Process:
             self.munmap(addr, length, core=core)
             start = addr
         else:
-            start = self._free_range(length + (align - PAGE_SIZE), addr)
+            # Page colouring (migrate.sim.cache): shared mappings start on their offset's colour.
+            picker = self.kernel.frame_picker if shared else None
+            pad = (picker.colours - 1) * PAGE_SIZE if picker is not None else 0
+            start = self._free_range(length + (align - PAGE_SIZE) + pad, addr)
             start = (start + align - 1) & ~(align - 1)
+            if pad:
+                start = picker.align_address(start, picker.colour_of_pfn(offset // PAGE_SIZE))
         if shared and file is None:
             # MAP_SHARED|MAP_ANONYMOUS is shmem: an unnamed file, so fork shares its pages.
             file = self.kernel.create_file(f"shmem:{self.pid}:{start:#x}", length)
@@ -511,6 +516,8 @@ class Kernel:
         self.shootdown = True
         self.flush_ceiling = cfg.tlb_flush_ceiling
         self.processes: dict[int, Process] = {}
+        # Page colouring hook (Machine.set_page_colouring installs a cache.PageColouring).
+        self.frame_picker: Any = None
         self.files: dict[str, File] = {}
         self._next_pid = 1
         self.cores = [CoreState(asids=[None] * cfg.dynamic_asids) for _ in machine.cores]
@@ -749,7 +756,11 @@ class Kernel:
     def _page_cache(self, f: File, index: int) -> int:
         pfn = f.pages.get(index)
         if pfn is None:
-            pfn = self.physmem.alloc(0, owner=f"pagecache:{f.name}", kind="pagecache")
+            if self.frame_picker is not None:     # page colouring: colour = file page index
+                pfn = self.frame_picker.pick(index % self.frame_picker.colours,
+                                             owner=f"pagecache:{f.name}", kind="pagecache")
+            else:
+                pfn = self.physmem.alloc(0, owner=f"pagecache:{f.name}", kind="pagecache")
             assert isinstance(pfn, int)
             if f.page_has_data(index):
                 self.physmem.write(pfn << 12, f.page_bytes(index), writer="kernel")

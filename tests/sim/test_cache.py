@@ -242,3 +242,34 @@ def test_host_l1d_geometry_parses_a_fake_sysfs_tree(tmp_path: pytest.TempPathFac
     g = host_l1d_geometry(root=str(tmp_path))
     assert g is not None and (g.size, g.ways, g.line_size) == (32768, 4, 64) and g.colours == 2
     assert host_l1d_geometry(root=str(tmp_path / "nowhere")) is None  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("size", "ways"), [(32 * 1024, 4), (64 * 1024, 2)])
+def test_kernel_colours_page_cache_and_shared_mappings(size: int, ways: int) -> None:
+    # The OS model with the colouring hook: page-cache frames get colour = file index, shared
+    # mmaps are colour-aligned to their offset (as arch_get_unmapped_area does with COLOUR_ALIGN
+    # on aliasing architectures), so every mapping of a frame indexes the same set.
+    from migrate.sim import Machine
+    from migrate.sim.cache import kernel_shared_file_experiment
+
+    off_machine = Machine(memory=64 << 20)
+    off_machine.set_cache(size, ways)
+    off = kernel_shared_file_experiment(off_machine, colouring=False)
+    assert not off["colours_agree"] and off["synonyms"] > 0 and off["stale_values_seen"] > 0
+    on_machine = Machine(memory=64 << 20)
+    on_machine.set_cache(size, ways)
+    on = kernel_shared_file_experiment(on_machine, colouring=True)
+    assert on["colours_agree"] and on["synonyms"] == 0 and on["stale_reads"] == 0
+    assert on["stale_values_seen"] == 0
+    assert on_machine.kernel.frame_picker is on_machine.page_colouring
+    on_machine.set_page_colouring(False)
+    assert on_machine.kernel.frame_picker is None
+
+
+def test_kernel_colouring_on_a_non_aliasing_cache_changes_nothing() -> None:
+    from migrate.sim import Machine
+    from migrate.sim.cache import kernel_shared_file_experiment
+
+    m = Machine(memory=64 << 20)
+    r = kernel_shared_file_experiment(m, colouring=False)     # default 32 KiB 8-way: 1 colour
+    assert r["geometry"]["colours"] == 1 and r["synonyms"] == 0 and r["colours_agree"]
