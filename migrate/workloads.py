@@ -283,9 +283,14 @@ class Workload:
 
     @staticmethod
     def progress() -> int:
-        """Operations done by the latest ``run`` in this process, published every 4096 units;
-        reads a process-global counter, never the region."""
+        """Operations done by the latest ``run`` in this process, published on entry, every 4096
+        units and on return; reads a process-global counter, never the region."""
         return int(lib.wl_progress())
+
+    @staticmethod
+    def reset_progress() -> None:
+        """Zero the progress counters (each ``run`` republishes its region's own on entry)."""
+        lib.wl_progress_reset()
 
     @staticmethod
     def progress_init() -> int:
@@ -446,7 +451,10 @@ def reference_digest(
 
     Computed in a fresh anonymous mapping in this process (GIL released), and cached by
     (name, size, seed, ops, digest algorithm, WL_VERSION) in ``cache_path()``; ``cache=False``
-    neither reads nor writes the cache."""
+    neither reads nor writes the cache.
+
+    The progress counter and the pause request are process-global: call this in a daemon, not in
+    a guest process whose own workload may be running or about to be paused."""
     spec = workload_spec(name)
     nbytes = parse_size(size)
     _check_region_size(nbytes)

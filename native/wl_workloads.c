@@ -477,8 +477,6 @@ int wl_init(uint8_t *base, uint64_t size, int kind, uint64_t seed, uint64_t tota
     n.state_check = wl_state_hash(&n);
     memset(base, 0, WL_CONTROL_SIZE);
     memcpy(c, &n, sizeof n);
-    __atomic_store_n(&wl_progress_ops_mirror, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&wl_progress_init_mirror, 0, __ATOMIC_RELAXED);
     return 0;
 }
 
@@ -596,6 +594,11 @@ void wl_request_pause(void) { wl_pause_flag = 1; }
 void wl_clear_pause(void) { wl_pause_flag = 0; }
 int wl_pause_pending(void) { return wl_pause_flag != 0; }
 uint64_t wl_progress(void) { return __atomic_load_n(&wl_progress_ops_mirror, __ATOMIC_RELAXED); }
+void wl_progress_reset(void)
+{
+    __atomic_store_n(&wl_progress_ops_mirror, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&wl_progress_init_mirror, 0, __ATOMIC_RELAXED);
+}
 uint64_t wl_progress_init(void) { return __atomic_load_n(&wl_progress_init_mirror, __ATOMIC_RELAXED); }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -63,3 +63,4 @@ void wl_clear_pause(void);
 int wl_pause_pending(void);
 uint64_t wl_progress(void);
 uint64_t wl_progress_init(void);
+void wl_progress_reset(void);

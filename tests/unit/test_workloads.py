@@ -199,33 +199,44 @@ def region_digest_of(name: str, ops: int, seed: int = 0) -> str:
     return wl.reference_digest(name, SIZE, seed=seed, ops=ops, cache=False)
 
 
-def _pause_midrun_and_compare(name: str, trigger) -> None:
+def _pause_midrun_and_compare(name: str, trigger, during_init: bool = False) -> None:
     """Start an endless run, trigger a pause from another thread once progress shows the run is
-    inside its operations, then check the paused region equals a fresh run stopped by budget at
-    the same point, and that both continue identically."""
+    inside its operations (or its init phase), then check the paused region equals a fresh run
+    stopped by budget at the same point, and that both continue identically."""
     endless = 1 << 62
     init_steps = wl.WORKLOADS[name].init_steps(SIZE)
     region = new_region()
     workload = Workload.init(region, name, seed=3, ops=endless)
 
+    def reached() -> bool:
+        if during_init:
+            return Workload.progress_init() >= 4096
+        return Workload.progress() >= 20_000
+
     def pauser():
         deadline = time.monotonic() + 60
-        while Workload.progress() < 20_000 and time.monotonic() < deadline:
-            time.sleep(0.001)
+        while not reached() and time.monotonic() < deadline:
+            time.sleep(0.0002 if during_init else 0.001)
         trigger()
 
+    Workload.reset_progress()  # the counter is process-global: clear the previous test's value
     thread = threading.Thread(target=pauser)
     thread.start()
     status = workload.run()  # in C, GIL released, until the pause arrives
     thread.join()
     assert status is RunStatus.PAUSED
-    done = workload.ops_done
-    assert done >= 20_000
+    info = workload.info()
+    done, init_done = info["ops_done"], info["init_done"]
+    if during_init:
+        assert 4096 <= init_done < init_steps and done == 0
+    else:
+        assert init_done == init_steps and done >= 20_000
     assert Workload.progress() == done  # the mirror is exact when run returns
+    assert Workload.progress_init() == init_done
 
     reference_region = new_region()
     with Workload.init(reference_region, name, seed=3, ops=endless) as reference:
-        assert reference.run(max_ops=init_steps + done) is RunStatus.BUDGET
+        assert reference.run(max_ops=init_done + done) is RunStatus.BUDGET
         assert region_digest(reference_region) == region_digest(region)
         # Both continue the same way, the paused one from a copy at another address.
         moved = new_region()
@@ -243,6 +254,30 @@ def _pause_midrun_and_compare(name: str, trigger) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_pause_requested_from_another_thread(name):
     _pause_midrun_and_compare(name, Workload.request_pause)
+
+
+@pytest.mark.parametrize("name", ["kv", "chase"])
+def test_pause_during_the_init_phase(name):
+    _pause_midrun_and_compare(name, Workload.request_pause, during_init=True)
+
+
+def test_memfd_shared_region_runs_like_a_private_one():
+    """Guests may live in memfd (shared) memory: same results, and a private copy resumes it."""
+    fd = os.memfd_create("wl-test")
+    try:
+        os.ftruncate(fd, SIZE)
+        shared = mmap.mmap(fd, SIZE, flags=mmap.MAP_SHARED)
+        with Workload.init(shared, "kv", seed=2, ops=30_000) as workload:
+            assert workload.run(max_ops=280_000) is RunStatus.BUDGET
+        private = new_region()
+        private[:] = shared[:]
+        with Workload(private) as workload:
+            assert workload.run() is RunStatus.DONE
+        assert region_digest(private) == full_run_digest("kv", seed=2, ops=30_000)
+        private.close()
+        shared.close()
+    finally:
+        os.close(fd)
 
 
 def test_pause_by_real_signal_while_run_is_in_c():
