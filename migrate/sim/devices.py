@@ -204,6 +204,40 @@ class DmaDevice:
         return self.completions[-1] if self.completions else None
 
 
+@dataclass
+class UserBuffer:
+    """``length`` bytes at ``vaddr`` in a process of the kernel model, for ``dma_map``: like
+    pin_user_pages() the pages are faulted in first (for a device write, with a private copy:
+    FOLL_WRITE breaks COW) and the VMA must allow the access; dma_map then pins each frame and
+    maps the pieces at one IOVA range, keeping the first page's offset."""
+
+    process: Any
+    vaddr: int
+    length: int
+
+    def segments(self, direction: DmaDirection) -> list[tuple[int, int]]:
+        from migrate.sim.kernel import PROT_READ, PROT_WRITE
+
+        if self.length <= 0:
+            raise IommuError(f"user buffer of {self.length} bytes")
+        kernel = self.process.kernel
+        write = direction is not DmaDirection.TO_DEVICE
+        need = PROT_WRITE if write else PROT_READ
+        out: list[tuple[int, int]] = []
+        va, end = self.vaddr, self.vaddr + self.length
+        while va < end:
+            vma = self.process.find_vma(va)
+            if vma is None or not vma.prot & need:
+                raise IommuError(f"{va:#x} in {self.process.name} is not mapped "
+                                 f"{'writable' if write else 'readable'}: pin_user_pages fails "
+                                 "with EFAULT")
+            n = min(end - va, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
+            paddr = kernel.fault_in(self.process, va, write=write)
+            out.append((paddr, n))
+            va += n
+        return out
+
+
 # ============================================================================ teardown orders
 SAFE_ORDER = ("wait", "unmap", "unpin", "free")
 

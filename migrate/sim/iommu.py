@@ -988,7 +988,7 @@ class Iommu:
                              f"for {dev.name}")
         return pfn
 
-    def _frames_of(self, frames_or_buffer: Any) -> list[int]:
+    def _frames_of(self, frames_or_buffer: Any, direction: DmaDirection) -> list[int]:
         if isinstance(frames_or_buffer, int):
             frames = [frames_or_buffer]
         elif hasattr(frames_or_buffer, "frames"):
@@ -1005,15 +1005,20 @@ class Iommu:
             if not isinstance(pfn, int) or not self.memory.is_allocated(pfn):
                 raise IommuError(f"frame {pfn!r} is not an allocated frame: DMA to memory nobody "
                                  "owns is refused")
-            if pfn == self.memory.zero_frame:
-                raise IommuError("refusing to DMA-map the shared zero page")
+            if pfn == self.memory.zero_frame and direction is not DmaDirection.TO_DEVICE:
+                raise IommuError("refusing to let a device write the shared zero page")
         return frames
 
     def dma_map(self, device: DmaDevice | str, frames_or_buffer: Any,
                 direction: DmaDirection | str = DmaDirection.BIDIRECTIONAL) -> tuple[int, int]:
         """Pin the frames and map them at one contiguous IOVA range; returns (iova, length)."""
         dev = self.device(device)
-        frames = self._frames_of(frames_or_buffer)
+        direction = DmaDirection.parse(direction)
+        if hasattr(frames_or_buffer, "segments") and callable(frames_or_buffer.segments):
+            # A user buffer (devices.UserBuffer): pinned page by page, offsets kept.
+            m = self.dma_map_sg(dev, frames_or_buffer.segments(direction), direction)
+            return m.iova, m.length
+        frames = self._frames_of(frames_or_buffer, direction)
         ctx = self._context[dev.source_id]
         if (not self.enabled or ctx.passthrough) and any(
                 b != a + 1 for a, b in pairwise(frames)):
@@ -1022,7 +1027,7 @@ class Iommu:
             raise IommuError(f"{dev.name} has no IOMMU translation: scattered frames have no "
                              "single DMA address (use dma_map_sg for one address per segment)")
         segments = [(pfn << PAGE_SHIFT, PAGE_SIZE) for pfn in frames]
-        m = self._map_segments(dev, segments, DmaDirection.parse(direction))
+        m = self._map_segments(dev, segments, direction)
         return m.iova, m.length
 
     def dma_map_sg(self, device: DmaDevice | str, segments: Sequence[tuple[int, int]],

@@ -73,3 +73,41 @@ def test_bad_device_arguments() -> None:
         m.add_device("")
     with pytest.raises(IommuError, match="no device"):
         m.dma_map("ghost", [1], "to_device")
+
+
+def test_dma_into_a_process_buffer_is_seen_by_the_process() -> None:
+    # pin_user_pages(FOLL_WRITE) semantics: pages faulted in writable, pinned, offsets kept.
+    from migrate.sim.devices import UserBuffer
+
+    m = Machine(memory=64 << 20)
+    proc = m.kernel.spawn("app")
+    buf = proc.mmap(None, 3 * PAGE_SIZE, "rw")
+    nic = m.add_device("nic")
+    iova, length = m.dma_map(nic, UserBuffer(proc, buf + 100, 8000), "from_device")
+    assert iova & 0xFFF == 100 and length == 8000
+    assert proc.rss_pages() == 2
+    pfn = proc.frame_of(buf + 100)
+    assert pfn is not None and m.physmem.frame(pfn).pinned == 1
+    nic.dma_write(iova, b"Z" * length)
+    nic.wait()
+    assert proc.read(buf + 100, 4) == b"ZZZZ" and proc.read(buf + 8099, 2) == b"Z\x00"
+    m.dma_unmap(nic, iova, length)
+    assert m.physmem.frame(pfn).pinned == 0
+
+
+def test_user_buffer_rights_are_checked_like_pin_user_pages() -> None:
+    from migrate.sim.devices import UserBuffer
+
+    m = Machine(memory=64 << 20)
+    proc = m.kernel.spawn("app")
+    ro = proc.mmap(None, PAGE_SIZE, "r")
+    nic = m.add_device("nic")
+    with pytest.raises(IommuError, match="not mapped writable"):
+        m.dma_map(nic, UserBuffer(proc, ro, 16), "from_device")
+    # Reading untouched anonymous memory maps the shared zero page, read-only: allowed.
+    iova, _ = m.dma_map(nic, UserBuffer(proc, ro, 16), "to_device")
+    t = nic.dma_read(iova, 16)
+    nic.wait()
+    assert t.ok and bytes(t.data) == bytes(16)
+    with pytest.raises(IommuError, match="not mapped"):
+        m.dma_map(nic, UserBuffer(proc, 0x1000, 16), "to_device")
