@@ -712,6 +712,8 @@ class Domain:
         # IOTLB entry can still be traced to the allocation it was made for.
         self.frame_of_page: dict[int, tuple[int, Any]] = {}
         self.mappings: dict[int, DmaMapping] = {}   # iova_pfn -> mapping
+        self.fq: list[FlushQueueEntry] = []          # lazy mode's flush queue
+        self.fq_timer: int | None = None
 
     @property
     def agaw(self) -> int:
@@ -770,8 +772,6 @@ class Iommu:
         self._next_devfn = 8                           # bus 0, device 1, function 0
         self.fq_size = fq_size
         self.fq_timeout_ns = fq_timeout_ns
-        self.flush_queue: list[FlushQueueEntry] = []
-        self._fq_timer: int | None = None
         self.stats = {"maps": 0, "unmaps": 0, "fq_flushes": 0, "fq_full_flushes": 0,
                       "fq_timer_flushes": 0, "pinned_frames": 0}
         self._mode = "strict"
@@ -844,10 +844,10 @@ class Iommu:
         dev = self.device(device)
         if self.mapped(dev):
             raise IommuError(f"{dev.name} still has live DMA mappings")
-        if any(e.did == getattr(self._context[dev.source_id].domain, "did", None)
-               for e in self.flush_queue):
-            self.flush_queue_drain("device removal")
-        ctx = self._context.pop(dev.source_id)
+        ctx = self._context[dev.source_id]
+        if ctx.domain is not None and ctx.domain.fq:
+            self._fq_flush(ctx.domain)
+        del self._context[dev.source_id]
         if ctx.domain is not None:
             self.iotlb.invalidate_domain(ctx.domain.did)
             ctx.domain.pagetable.free_tables()
@@ -1194,7 +1194,7 @@ class Iommu:
             return m
         # Lazy: queue_iova(). The IOVA stays allocated until the flush, so it cannot be reused
         # while a stale IOTLB entry may still translate it.
-        self._fq_add(FlushQueueEntry(domain.did, m.iova_pfn, m.iova_pages, m,
+        self._fq_add(domain, FlushQueueEntry(domain.did, m.iova_pfn, m.iova_pages, m,
                                      unpin and defer_unpin))
         if unpin and not defer_unpin and m.pinned:
             self.unpin(m)
@@ -1216,40 +1216,50 @@ class Iommu:
             self.iotlb.invalidate_page(domain.did, iova_pfn << PAGE_SHIFT, am)
 
     # ------------------------------------------------------------------ flush queue (lazy)
-    def _fq_add(self, entry: FlushQueueEntry) -> None:
-        if len(self.flush_queue) >= self.fq_size:
+    # One queue and one timer per domain (dma-iommu.c keeps them in the domain's cookie; the
+    # per-CPU rings are one ring here since the model has one CPU issuing DMA-API calls).
+    @property
+    def flush_queue(self) -> list[FlushQueueEntry]:
+        """Every queued entry, all domains."""
+        return [e for did in sorted(self._domains) for e in self._domains[did].fq]
+
+    def _fq_add(self, domain: Domain, entry: FlushQueueEntry) -> None:
+        """queue_iova(): a full ring is flushed first; the timer is armed only if it is off
+        (so entries wait at most fq_timeout from the first one queued after the last expiry)."""
+        if len(domain.fq) >= self.fq_size:
             self.stats["fq_full_flushes"] += 1
-            self.flush_queue_drain("queue full")
-        self.flush_queue.append(entry)
-        if self._fq_timer is None:
-            self._fq_timer = self.clock.add_timer(self.clock.now + self.fq_timeout_ns,
-                                                  self._fq_timeout)
+            self._fq_flush(domain)
+        domain.fq.append(entry)
+        if domain.fq_timer is None:
+            domain.fq_timer = self.clock.add_timer(self.clock.now + self.fq_timeout_ns,
+                                                   lambda: self._fq_timeout(domain))
 
-    def _fq_timeout(self) -> None:
-        self._fq_timer = None
+    def _fq_timeout(self, domain: Domain) -> None:
+        """fq_flush_timeout(): timer off, flush the domain's IOTLB, free what was queued."""
+        domain.fq_timer = None
+        if self._domains.get(domain.did) is not domain:
+            return                                   # the domain went away meanwhile
         self.stats["fq_timer_flushes"] += 1
-        self.flush_queue_drain("timer")
+        self._fq_flush(domain)
 
-    def flush_queue_drain(self, why: str = "explicit") -> int:
-        """fq_flush_iotlb() + fq_ring_free(): flush every domain with queued entries, then free
-        their IOVAs (and do the deferred unpins). Returns the number of entries drained."""
-        if not self.flush_queue:
-            return 0
-        entries, self.flush_queue = self.flush_queue, []
-        for did in sorted({e.did for e in entries}):
-            self.iotlb.invalidate_domain(did)
+    def _fq_flush(self, domain: Domain) -> int:
+        """fq_flush_iotlb() + fq_ring_free(): one domain-selective invalidation, then the queued
+        IOVAs go back to the allocator (and the deferred unpins happen)."""
+        entries, domain.fq = domain.fq, []
+        self.iotlb.invalidate_domain(domain.did)
         self.stats["fq_flushes"] += 1
         for e in entries:
-            domain = self._domains[e.did]
             domain.iovad.free_iova_fast(e.iova_pfn, e.pages)
             if e.mapping is not None:
                 domain.mappings.pop(e.iova_pfn, None)
                 if e.unpin_after and e.mapping.pinned:
                     self.unpin(e.mapping)
-        if self._fq_timer is not None and not self.flush_queue:
-            self.clock.cancel(self._fq_timer)
-            self._fq_timer = None
         return len(entries)
+
+    def flush_queue_drain(self, why: str = "explicit") -> int:
+        """Flush every domain that has queued entries now (the timers stay armed, as in Linux,
+        and find nothing left). Returns the number of entries drained."""
+        return sum(self._fq_flush(d) for d in list(self._domains.values()) if d.fq)
 
     # ------------------------------------------------------------------ introspection
     def mapped(self, device: DmaDevice | str) -> list[DmaMapping]:

@@ -537,3 +537,28 @@ def test_unpinned_frame_moved_by_compaction_then_written_is_detected() -> None:
     v = iommu.violations[-1]
     assert t.ok and v.kind == "use-after-free" and "migrated" in v.detail
     assert mem.read(moved_to << PAGE_SHIFT, 5) != b"stale"    # the data went to the old place
+
+
+def test_flush_timer_runs_from_the_first_queued_entry_per_domain() -> None:
+    # queue_iova() arms the timer only when it is off: an entry queued 5 ms later is flushed
+    # with the first one at t0 + 10 ms, not 15 ms. Queues and timers belong to a domain.
+    mem, iommu = _setup("lazy")
+    a = iommu.add_device("a")
+    b = iommu.add_device("b")
+    ia, la, _ = _warm(iommu, "a", mem)
+    iommu.dma_unmap(a, ia, la)
+    t0 = iommu.clock.now                        # a's timer is armed here
+    iommu.clock.advance(5_000_000)
+    ib, lb, _ = _warm(iommu, "b", mem)
+    ia2, la2, _ = _warm(iommu, "a", mem)
+    iommu.dma_unmap(a, ia2, la2)
+    iommu.dma_unmap(b, ib, lb)
+    did_a, did_b = iommu.domain_of(a).did, iommu.domain_of(b).did
+    assert len(iommu.domain_of(a).fq) == 2
+    iommu.clock.advance(t0 + IOVA_DEFAULT_FQ_TIMEOUT_NS - iommu.clock.now)   # t0 + 10 ms
+    # a's timer (armed at t0) has fired and took the entry queued at 5 ms with it; b's timer
+    # (armed after 5 ms) has not.
+    assert not iommu.domain_of(a).fq and not iommu.iotlb.contains(did_a, ia2)
+    assert iommu.domain_of(b).fq and iommu.iotlb.contains(did_b, ib)
+    iommu.clock.advance(IOVA_DEFAULT_FQ_TIMEOUT_NS)
+    assert not iommu.flush_queue and not iommu.iotlb.contains(did_b, ib)
