@@ -111,7 +111,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             description="sequential read-modify-write sweeps: each adds a constant to every "
             "word of a window of 1/4 of the region that advances by 1/16 per sweep",
             access_pattern="sequential writes, a moving window; one operation = one 64-byte line",
-            ops_per_512mib=850_000_000,
+            ops_per_512mib=750_000_000,
         ),
         WorkloadSpec(
             name="chase",
