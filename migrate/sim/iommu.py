@@ -956,7 +956,7 @@ class Iommu:
         elif not live:
             self.violations.append(DmaViolation(
                 self.clock.now, "unmapped-window", dev.name, iova, paddr, access.value,
-                mapped_frame.owner, now_owner,
+                now_owner, now_owner,
                 "reached after dma_unmap returned, through a stale IOTLB entry"))
 
     def _iova_live(self, domain: Domain, iova: int) -> bool:

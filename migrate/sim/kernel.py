@@ -282,7 +282,7 @@ class Process:
             pad = (picker.colours - 1) * PAGE_SIZE if picker is not None else 0
             start = self._free_range(length + (align - PAGE_SIZE) + pad, addr)
             start = (start + align - 1) & ~(align - 1)
-            if pad:
+            if picker is not None:
                 start = picker.align_address(start, picker.colour_of_pfn(offset // PAGE_SIZE))
         if shared and file is None:
             # MAP_SHARED|MAP_ANONYMOUS is shmem: an unnamed file, so fork shares its pages.
