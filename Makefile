@@ -14,7 +14,7 @@ install: $(VENV)/bin/python
 	$(PIP) install -q '.[test]'
 
 demo: install
-	$(VENV)/bin/migrate check
+	$(VENV)/bin/migrate demo
 
 test: install
 	cd tests && ../$(VENV)/bin/python -m pytest --strict-markers -r s -c ../pyproject.toml --rootdir .. .

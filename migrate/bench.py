@@ -16,6 +16,7 @@ from typing import Any, Callable
 TARGETS: dict[str, tuple[str, str]] = {
     "local": ("migrate.bench_local:run", "local fault service latency: Python vs C handler"),
     "migrate": ("migrate.bench_migrate:run", "loopback floor, then kv migrations in each mode"),
+    "sim": ("migrate.sim.bench:run", "simulated MMU translation throughput"),
 }
 
 

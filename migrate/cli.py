@@ -15,6 +15,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("migrate.check", "report what this host's kernel offers and what will work here"),
     "bench": ("migrate.bench", "run a benchmark (local, sim, migrate) and print its figures"),
+    "source": ("migrate.source", "run a guest here and migrate it live to a destination daemon"),
+    "dest": ("migrate.dest", "accept live migrations: start guests, serve their faults"),
+    "demo": ("migrate.demo", "start both daemons on loopback and migrate one guest live"),
 }
 
 

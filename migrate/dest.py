@@ -52,6 +52,7 @@ class DestOptions:
     fault_around: int = FAULT_AROUND
     max_migrations: int | None = None
     json_reports: bool = False
+    quiet: bool = False
 
 
 @dataclass
@@ -65,6 +66,8 @@ class SessionReport:
         "precopy": 0, "resent": 0, "pushed": 0, "demand": 0, "zero": 0, "discarded": 0})
     faults: int = 0
     fault_latency: LatencyRecorder = field(default_factory=LatencyRecorder)
+    request_latency: LatencyRecorder = field(default_factory=LatencyRecorder)  # event -> sent
+    install_latency: LatencyRecorder = field(default_factory=LatencyRecorder)  # reply -> woken
     resume_ns: int = 0
     received_digest: str = ""
     source_digest: str = ""
@@ -79,6 +82,10 @@ class SessionReport:
             "ok": self.ok, "phase": self.phase, "error": self.error, "mode": self.mode,
             "workload": self.workload, "pages": dict(self.pages), "faults": self.faults,
             "fault_latency_us": self.fault_latency.report(), "resume_ns": self.resume_ns,
+            "fault_stages_us": {
+                "dest_request_p50": self.request_latency.percentile_us(50),
+                "dest_install_p50": self.install_latency.percentile_us(50),
+            },
             "received_digest": self.received_digest, "source_digest": self.source_digest,
             "transfer_ok": self.transfer_ok, "digest": self.digest,
             "reference_digest": self.reference_digest, "guest_ops": self.guest_ops,
@@ -89,7 +96,7 @@ class SessionReport:
 class DestSession:
     """One incoming migration."""
 
-    def __init__(self, daemon: "DestDaemon", router_id: bytes, hello_frames: list[Any]) -> None:
+    def __init__(self, daemon: DestDaemon, router_id: bytes, hello_frames: list[Any]) -> None:
         self.daemon = daemon
         self.opts = daemon.opts
         self.router_id = router_id
@@ -238,6 +245,26 @@ class DestSession:
             self.report.pages["resent"] += len(old_addrs) + len(old_zero)
         return installed
 
+    def _install_first(self, msg: protocol.Pages, index: int) -> None:
+        """One page, one ioctl, woken at once: the fault path's only work before the guest runs."""
+        assert self.fd is not None
+        page = self.page
+        addr = self.base + index * page
+        try:
+            if msg.zero[0]:
+                self.fd.zeropage(addr, page)
+                h = ZERO_PAGE_HASH
+            else:
+                buf = msg.data.buffer if hasattr(msg.data, "buffer") else memoryview(msg.data)
+                self.fd.copy(addr, buf[:page])
+                h = digest.page_hashes(buf[:page], page)[0]
+        except FileExistsError:
+            self.fd.wake(addr, page)
+            return
+        self.present[index] = 1
+        self.present_count += 1
+        self.hashes[index] = h
+
     def _overwrite(self, addrs: array, data: bytes) -> None:
         assert self.guest is not None
         done = memory.write_process_pages(self.guest.pid, addrs, self.page, data)
@@ -321,6 +348,7 @@ class DestSession:
                         frames = transport.recv_frames(urgent, flags=zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                    self.urgent_arrival_ns = time.monotonic_ns()
                     if self._on_urgent(self.conn.receive(frames)):
                         return
             if bulk in ready:
@@ -358,19 +386,30 @@ class DestSession:
             self.next_request += 1
             self.pending[index] = (req, time.monotonic_ns())
             self.report.faults += 1
-            self._send(self.urgent, protocol.Request(req, index, self.opts.fault_around))
+            transport.send_frames(self.urgent, self.conn.send_fast(
+                MsgType.REQUEST, req, index, self.opts.fault_around))
+            self.report.request_latency.record_ns(time.monotonic_ns() - self.pending[index][1])
 
     def _on_urgent(self, msg: protocol.Message) -> bool:
         t = msg.TYPE
         if t == MsgType.PAGES:
             assert isinstance(msg, protocol.Pages)
-            first = msg.index_array()[0]
-            self.install(msg, wake=True)
+            idx = msg.index_array()
+            first = idx[0]
+            if msg.kind == Batch.DEMAND and not self.present[first]:
+                self._install_first(msg, first)  # wake the faulting guest before anything else
             pending = self.pending.pop(first, None)
             if pending is not None:
-                self.report.fault_latency.record_ns(time.monotonic_ns() - pending[1])
-            for p in msg.index_array():
-                self.pending.pop(p, None)
+                done = time.monotonic_ns()
+                self.report.fault_latency.record_ns(done - pending[1])
+                self.report.install_latency.record_ns(done - self.urgent_arrival_ns)
+            if len(idx) > 1 or msg.kind != Batch.DEMAND:
+                self.install(msg, wake=True)
+                for p in idx:
+                    self.pending.pop(p, None)
+            else:
+                self.report.pages["demand"] += 1
+                self.report.pages["zero"] += msg.zero[0]
             self._maybe_complete()
         elif t == MsgType.SWITCHOVER:
             assert isinstance(msg, protocol.Switchover)
@@ -485,7 +524,8 @@ class DestDaemon:
         self.sessions: list[threading.Thread] = []
 
     def log(self, text: str) -> None:
-        print(f"[dest] {text}", file=sys.stderr, flush=True)
+        if not self.opts.quiet:
+            print(f"[dest] {text}", file=sys.stderr, flush=True)
 
     def reply(self, router_id: bytes, frames: list[Any]) -> None:
         with self._reply_lock:
@@ -538,11 +578,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the reference run the final digest is compared with")
     parser.add_argument("--json", action="store_true", help="print each migration's report as JSON")
+    parser.add_argument("--ready-file", default=None,
+                        help="write the bound endpoint to this file once listening")
+    parser.add_argument("--quiet", action="store_true", help="no log lines on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
     opts = DestOptions(listen=args.listen, cpu=args.cpu, max_migrations=args.count,
-                       verify_reference=not args.no_reference, json_reports=args.json)
+                       verify_reference=not args.no_reference, json_reports=args.json,
+                       quiet=args.quiet)
     daemon = DestDaemon(opts)
+    if args.ready_file:
+        tmp = args.ready_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(daemon.endpoint)
+        os.replace(tmp, args.ready_file)
     reports = daemon.serve()
     return 0 if all(r["ok"] for r in reports) else 1

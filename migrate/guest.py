@@ -221,7 +221,16 @@ class GuestHandle:
                "--backing", backing, "--workload", workload, "--seed", str(seed),
                "--ops", str(ops)]
         self.role = role
-        self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+        policy = os.environ.get("MIGRATE_GUEST_SCHED", "")
+
+        def lower_priority() -> None:
+            if policy == "idle":
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            elif policy.startswith("nice"):
+                os.nice(int(policy[4:]))
+
+        self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
+                                     preexec_fn=lower_priority if policy else None)
         child.close()
         self.sock = parent
         self.sock.settimeout(ready_timeout)
@@ -229,7 +238,7 @@ class GuestHandle:
         self.exit_status: int | None = None
         try:
             msg, fds = _recv(self.sock, with_fds=True)
-        except (EOFError, socket.timeout, OSError) as exc:
+        except (TimeoutError, EOFError, OSError) as exc:
             self.kill()
             raise GuestError(
                 f"{role} guest did not become ready ({type(exc).__name__}: {exc}); "
@@ -262,7 +271,7 @@ class GuestHandle:
             self.sock.settimeout(remaining)
             try:
                 msg, _ = _recv(self.sock)
-            except socket.timeout:
+            except TimeoutError:
                 raise GuestError(f"{self.role} guest sent nothing for {timeout} s") from None
             except (EOFError, ConnectionResetError):
                 raise GuestError(f"{self.role} guest died ({self._death()})") from None

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import enum
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -70,7 +71,7 @@ class Side(enum.Enum):
     DEST = "dest"
 
     @property
-    def peer(self) -> "Side":
+    def peer(self) -> Side:
         return Side.DEST if self is Side.SOURCE else Side.SOURCE
 
 
@@ -172,7 +173,7 @@ class Pages(Message):
 
     @staticmethod
     def build(seq: int, kind: Batch, indexes: Sequence[int], zero: Sequence[bool] | bytes,
-              data: Any, *, request: int = 0, round: int = 0) -> "Pages":
+              data: Any, *, request: int = 0, round: int = 0) -> Pages:
         packed = array("I", indexes).tobytes()
         zero_bytes = bytes(zero) if not isinstance(zero, bytes) else zero
         return Pages(seq, int(kind), request, round, packed, zero_bytes, data)
@@ -541,6 +542,21 @@ class Connection:
     def send(self, msg: Message) -> list[Any]:
         self._advance(self.side, msg)
         return encode(msg)
+
+    def send_fast(self, mtype: MsgType, *fields: Any, data: Any = None) -> list[Any]:
+        """Hot-path send of our own message: the transition is checked exactly as in ``send``,
+        but the header is packed straight from ``fields`` (wire order) without building a message
+        object. Only for REQUEST and PAGES, whose fields need no handshake bookkeeping; the
+        receiver validates everything as usual."""
+        key = (self.state, self.side, mtype)
+        nxt = TRANSITIONS.get(key)
+        if nxt is None or mtype not in (MsgType.REQUEST, MsgType.PAGES):
+            previous, self.state = self.state, State.FAILED
+            raise ProtocolError(f"{mtype.name} from the {self.side.value} is not allowed in state "
+                                f"{previous.value} (seen by the {self.side.value})")
+        self.state = nxt
+        header = msgpack.packb([int(mtype), *fields], use_bin_type=True)
+        return [header] if data is None else [header, data]
 
     def receive(self, frames: Sequence[Any]) -> Message:
         try:

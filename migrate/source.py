@@ -37,7 +37,7 @@ from migrate import digest, memory, protocol, transport, uffd, workloads
 from migrate.errors import MigrateError, MigrationError, ProtocolError
 from migrate.guest import GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
-from migrate.stats import Stopwatch
+from migrate.stats import LatencyRecorder, Stopwatch
 
 PRECOPY_BATCH_PAGES = 256  # 1 MiB of 4 KiB pages per bulk message
 PUSH_BATCH_PAGES = 32  # smaller in post-copy: the destination interleaves these with faults
@@ -61,6 +61,7 @@ class SourceOptions:
     keys: transport.CurveKeys | None = None
     peer_timeout_s: float = 30.0
     progress: bool = True
+    push: bool = True  # background push in post-copy (off: pure demand paging, for diagnosis)
 
 
 class Progress:
@@ -112,6 +113,8 @@ class SourceMigration:
         self.guest_finished: dict[str, Any] | None = None  # "done" seen before the pause
         self.mismatched: list[int] = []
         self.pending_dirty: set[int] = set()
+        self.bulk_gbps: float | None = None  # pre-copy round 1 or post-copy push, GB/s
+        self.service = LatencyRecorder()  # REQUEST received -> faulting page sent
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -161,9 +164,11 @@ class SourceMigration:
         else:
             zero, data = self._read_pages(indexes)
         self.seq += 1
-        msg = protocol.Pages.build(self.seq, kind, indexes, zero, data, request=request,
-                                   round=round)
-        self._send(sock, msg)
+        packed = array("I", indexes).tobytes()
+        frames = self.conn.send_fast(MsgType.PAGES, self.seq, int(kind), request, round, packed,
+                                     bytes(zero), data=data)
+        transport.send_frames(sock, frames)
+        self.bytes_sent += len(data) + len(frames[0])
         self.counts["zero"] += zero.count(1)
         for i in indexes:
             self.valid[i] = 1
@@ -262,7 +267,12 @@ class SourceMigration:
         for s, e, _c in present:
             is_present[(s - start) // page:(e - start) // page] = b"\x01" * ((e - s) // page)
         round_no = 1
+        t_round = time.perf_counter()
+        bytes_before = self.bytes_sent
         sent = self._send_all(is_present, round_no)
+        self._wait_window(0)  # round 1 measures transfer into the destination's region
+        self.bulk_gbps = round((self.bytes_sent - bytes_before) / (time.perf_counter() - t_round)
+                               / 1e9, 3)
         dirty = self._scan_dirty(reprotect=True)
         self._round_end(round_no, sent, len(dirty))
         previous = None
@@ -367,7 +377,7 @@ class SourceMigration:
             if not remaining and not push_done_sent:
                 self._send(self.bulk, protocol.PushDone(self.seq, n))
                 push_done_sent = True
-            can_push = remaining and self.seq - self.acked < WINDOW
+            can_push = self.opts.push and remaining and self.seq - self.acked < WINDOW
             ready = dict(poller.poll(0 if can_push else 250))
             now = time.monotonic()
             if self.urgent in ready:
@@ -377,10 +387,11 @@ class SourceMigration:
                         frames = transport.recv_frames(self.urgent, flags=zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                    arrival = time.monotonic_ns()
                     msg = self.conn.receive(frames)
                     if msg.TYPE == MsgType.REQUEST:
                         assert isinstance(msg, protocol.Request)
-                        cursor = self._serve_request(msg)
+                        cursor = self._serve_request(msg, arrival)
                     elif msg.TYPE == MsgType.COMPLETE:
                         assert isinstance(msg, protocol.Complete)
                         self.complete = msg
@@ -407,18 +418,21 @@ class SourceMigration:
             self.progress.update("postcopy", f"{n - valid.count(0):,}/{n:,} pages at the "
                                  f"destination, {self.requests:,} faults served")
 
-    def _serve_request(self, msg: protocol.Request) -> int:
+    def _serve_request(self, msg: protocol.Request, arrival_ns: int) -> int:
+        """The faulting page goes alone first, so the destination can wake the guest as soon
+        as 4 KiB have crossed; its unsent neighbours (fault-around) follow in a second reply."""
         self.requests += 1
         valid, n = self.valid, self.npages
-        indexes = [msg.index]
-        j = msg.index + 1
-        limit = min(n, msg.index + 1 + min(msg.around, 64))
+        index = msg.index
+        self._send_pages(self.urgent, Batch.DEMAND, range(index, index + 1), request=msg.request)
+        self.service.record_ns(time.monotonic_ns() - arrival_ns)
+        j = index + 1
+        limit = min(n, j + min(msg.around, 64))
         while j < limit and not valid[j]:
-            indexes.append(j)
             j += 1
-        self._send_pages(self.urgent, Batch.DEMAND, range(indexes[0], indexes[-1] + 1),
-                         request=msg.request)
-        self.counts["demand"] += len(indexes)
+        if j > index + 1:
+            self._send_pages(self.urgent, Batch.DEMAND, range(index + 1, j), request=msg.request)
+        self.counts["demand"] += j - index
         return j
 
     def _push_from(self, cursor: int) -> int:
@@ -498,6 +512,7 @@ class SourceMigration:
             "precopy_rounds": len(self.rounds),
             "rounds": self.rounds,
             "bytes_sent": self.bytes_sent,
+            "bulk_gbps": self.bulk_gbps,
             "pages": {
                 "precopy": self.counts["precopy"] + self.counts["final"],
                 "pushed": self.counts["pushed"],
@@ -507,6 +522,8 @@ class SourceMigration:
             },
             "faults": d.get("faults", 0),
             "fault_latency_us": {k: lat.get(k) for k in ("p50", "p90", "p99", "max", "histogram")},
+            "fault_stages_us": dict(d.get("fault_stages_us", {}),
+                                    source_service_p50=self.service.percentile_us(50)),
             "guest_ops_at_switchover": self.paused_ops,
             "guest_ops": d.get("guest_ops"),
             "source_digest": source_digest,
@@ -560,13 +577,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=MAX_ROUNDS, help="pre-copy round budget")
     parser.add_argument("--cpu", type=int, default=None, help="pin the daemon and its guest")
     parser.add_argument("--json", action="store_true", help="print the final report as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--no-push", action="store_true",
+                        help="post-copy by demand faults only, no background push")
 
 
 def run(args: argparse.Namespace) -> int:
     opts = SourceOptions(to=args.to, workload=args.workload,
                          memory=workloads.parse_size(args.memory), seed=args.seed, ops=args.ops,
                          mode=args.mode, after_s=args.after, backing=args.backing,
-                         max_rounds=args.rounds, cpu=args.cpu, progress=not args.json)
+                         max_rounds=args.rounds, cpu=args.cpu, progress=not args.quiet,
+                         push=not args.no_push)
     report = SourceMigration(opts).run()
     if args.json:
         print(json.dumps(report, indent=2))

@@ -56,7 +56,7 @@ class LatencyRecorder:
             "histogram": self.histogram(),
         }
 
-    def merge(self, other: "LatencyRecorder") -> None:
+    def merge(self, other: LatencyRecorder) -> None:
         self.count += other.count
         for k, n in enumerate(other.buckets):
             self.buckets[k] += n

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import zmq
 

@@ -49,6 +49,12 @@ if __name__ == "__main__":
     import shutil
 
     os.chdir(HERE.parent)
-    built = ffibuilder.compile(tmpdir=str(HERE.parent / "build" / "cffi"), verbose=False)
-    shutil.copy2(built, HERE.parent / "migrate")
-    print("built", pathlib.Path(built).name)
+    built = pathlib.Path(ffibuilder.compile(tmpdir=str(HERE.parent / "build" / "cffi"),
+                                            verbose=False))
+    # Copy then rename: processes that already mapped the old library keep a valid inode
+    # (overwriting it in place makes them crash).
+    target = HERE.parent / "migrate" / built.name
+    staging = target.with_name(target.name + ".new")
+    shutil.copy2(built, staging)
+    os.replace(staging, target)
+    print("built", built.name)

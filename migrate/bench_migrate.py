@@ -1,0 +1,152 @@
+"""``migrate bench migrate``: the loopback floor, then live migrations in each mode, in one run.
+
+The floor is measured between two processes placed exactly as the daemons are (source on one CPU,
+destination on another when there are two), so every figure can be read against it:
+
+* ``zmq_rtt_us``: a 16-byte request on a DEALER socket answered with a 4 KiB reply (median);
+* ``bulk_gbps``: 1 MiB messages streamed one way and received (GB/s, 1e9 bytes).
+
+Then ``kv`` is migrated at ``--memory`` (default 1 GiB) in each mode, ``--runs`` times each, by the
+same code path as ``migrate demo`` (two daemon processes); medians are reported with every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import time
+from typing import Any
+
+import zmq
+
+from migrate.demo import cpus_for_daemons, run_demo
+from migrate.stats import median
+
+RTT_SAMPLES = 3000
+BULK_BYTES = 1 << 30
+BULK_MESSAGE = 1 << 20
+
+
+def _echo_server(endpoint_queue: Any, cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    ctx = zmq.Context(io_threads=1)
+    if cpu is not None:
+        ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)
+    sock = ctx.socket(zmq.DEALER)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    endpoint_queue.put(f"tcp://127.0.0.1:{port}")
+    page = b"\xa5" * 4096
+    received = 0
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        kind = frames[0].bytes
+        if kind == b"q":
+            break
+        if kind == b"r":
+            sock.send(page, copy=False)
+        elif kind == b"b":
+            received += len(frames[1].buffer)
+        elif kind == b"e":
+            sock.send(str(received).encode())
+            received = 0
+    sock.close(linger=0)
+    ctx.term()
+
+
+def measure_floor(source_cpu: int | None, dest_cpu: int | None) -> dict[str, Any]:
+    mp = multiprocessing.get_context("spawn")
+    queue = mp.Queue()
+    server = mp.Process(target=_echo_server, args=(queue, dest_cpu), daemon=True)
+    server.start()
+    endpoint = queue.get(timeout=30)
+    old_affinity = os.sched_getaffinity(0)
+    if source_cpu is not None:
+        os.sched_setaffinity(0, {source_cpu})
+    ctx = zmq.Context(io_threads=1)
+    if source_cpu is not None:
+        ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, source_cpu)
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    try:
+        request = [b"r", b"\x00" * 16]
+        for _ in range(300):
+            sock.send_multipart(request)
+            sock.recv(copy=False)
+        samples = []
+        for _ in range(RTT_SAMPLES):
+            t = time.perf_counter_ns()
+            sock.send_multipart(request)
+            sock.recv(copy=False)
+            samples.append(time.perf_counter_ns() - t)
+        samples.sort()
+        payload = bytes(BULK_MESSAGE)
+        t = time.perf_counter()
+        for _ in range(BULK_BYTES // BULK_MESSAGE):
+            sock.send_multipart([b"b", payload], copy=False)
+        sock.send(b"e")
+        got = int(sock.recv())
+        elapsed = time.perf_counter() - t
+        sock.send(b"q")
+        return {
+            "zmq_rtt_us": round(samples[len(samples) // 2] / 1000, 1),
+            "zmq_rtt_p99_us": round(samples[int(len(samples) * 0.99)] / 1000, 1),
+            "bulk_gbps": round(got / elapsed / 1e9, 3),
+            "rtt_samples": RTT_SAMPLES,
+            "bulk_bytes": got,
+        }
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        server.join(10)
+        os.sched_setaffinity(0, old_affinity)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    memory = args.memory or "1G"
+    runs = max(1, args.runs)
+    source_cpu, dest_cpu = cpus_for_daemons(True)
+    floor = measure_floor(source_cpu, dest_cpu)
+    modes: dict[str, Any] = {}
+    fault_p50: list[float] = []
+    fault_p99: list[float] = []
+    bulk: list[float] = []
+    for mode in ("precopy", "postcopy", "hybrid"):
+        reports = []
+        for _ in range(runs):
+            r = run_demo("kv", memory, mode, after=args.after if hasattr(args, "after") else 2.0,
+                         quiet=True)
+            reports.append(r)
+            lat = r.get("fault_latency_us") or {}
+            if lat.get("p50") is not None and r.get("faults", 0) >= 100:
+                fault_p50.append(lat["p50"])
+                fault_p99.append(lat["p99"])
+            if r.get("bulk_gbps"):
+                bulk.append(r["bulk_gbps"])
+        ok = [r for r in reports if r.get("ok")]
+        modes[mode] = {
+            "ok": len(ok) == runs,
+            "runs": runs,
+            "downtime_ms": median([r["downtime_ms"] for r in ok]) if ok else None,
+            "total_s": median([r["total_s"] for r in ok]) if ok else None,
+            "bytes_sent": int(median([r["bytes_sent"] for r in ok])) if ok else None,
+            "each": [{k: r.get(k) for k in ("ok", "error", "downtime_ms", "total_s", "bytes_sent",
+                                            "precopy_rounds", "faults", "bulk_gbps")}
+                     | {"fault_p50_us": (r.get("fault_latency_us") or {}).get("p50"),
+                        "fault_p99_us": (r.get("fault_latency_us") or {}).get("p99")}
+                     for r in reports],
+        }
+    p50 = median(fault_p50) if fault_p50 else None
+    return {
+        "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
+                    "placement": {"source_cpu": source_cpu, "dest_cpu": dest_cpu}},
+        "memory": memory,
+        "floor": floor,
+        "fault_p50_us": p50,
+        "fault_p99_us": median(fault_p99) if fault_p99 else None,
+        "fault_p50_ratio": round(p50 / floor["zmq_rtt_us"], 3) if p50 else None,
+        "bulk_gbps": median(bulk) if bulk else None,
+        "modes": modes,
+    }
