@@ -151,3 +151,22 @@ def test_hugetlb_2m_region_maps_one_huge_page():
     finally:
         if grown:
             nr_path.write_text(str(before))
+
+
+def test_thp_advice_decides_whether_the_range_gets_huge_pages(caps):
+    mode = caps["thp"]["enabled"]
+    if mode not in ("madvise", "always"):
+        pytest.skip(f"transparent huge pages are {mode!r} here")
+    with Region.anonymous(4 << 20, thp=False) as region:
+        region.populate(write=True)
+        assert memory.pagemap_scan("self", region.address, region.end,
+                                   require=PageCategory.HUGE) == []
+    with Region.anonymous(4 << 20, thp=True) as region:
+        region.populate(write=True)
+        huge = memory.pagemap_scan("self", region.address, region.end,
+                                   require=PageCategory.HUGE)
+        if not huge:
+            pytest.skip("MADV_HUGEPAGE got no huge page (memory too fragmented right now)")
+        # whole 2 MiB extents, aligned: a PMD maps them
+        for start, end, _ in huge:
+            assert start % (2 << 20) == 0 and (end - start) % (2 << 20) == 0

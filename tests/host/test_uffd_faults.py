@@ -244,3 +244,59 @@ def test_unknown_feature_names_and_bits_are_rejected_before_any_syscall(need):
         Userfaultfd.open(1 << 40)
     with pytest.raises(ValueError, match="NOT_A_FEATURE"):
         Userfaultfd.open("THREAD_ID|NOT_A_FEATURE")
+
+
+def test_partial_copy_reports_the_bytes_copied(need):
+    need()
+    with Userfaultfd.open() as uffd, Region.anonymous(4 * PAGE_SIZE) as region:
+        uffd.register(region.address, region.size, "MISSING")
+        uffd.copy(region.page_address(2), page_of(1))
+        # pages 0 and 1 are missing, page 2 present: the kernel copies two pages and stops
+        # (ioctl fails with EAGAIN, uffdio_copy.copy = 2 pages); the call reports that count
+        assert uffd.copy(region.address, page_of(7) * 3) == 2 * PAGE_SIZE
+        assert [region[i * PAGE_SIZE] for i in range(3)] == [7, 7, 1]
+        # starting on the present page there is nothing to copy: EEXIST
+        with pytest.raises(FileExistsError):
+            uffd.copy(region.page_address(2), page_of(8) * 2)
+
+
+def test_copy_with_wp_mode_installs_write_protected_pages(need, serve):
+    need("PAGEFAULT_FLAG_WP")
+    with Userfaultfd.open() as uffd, Region.anonymous(2 * PAGE_SIZE) as region:
+        uffd.register(region.address, region.size, RegisterMode.MISSING | RegisterMode.WP)
+        # from a memoryview slice, as a received frame would be: no copy in Python
+        frame = memoryview(bytearray(page_of(0x61) + page_of(0x62)))
+        assert uffd.copy(region.address, frame[:PAGE_SIZE], wp=True) == PAGE_SIZE
+        assert uffd.copy(region.page_address(1), frame[PAGE_SIZE:]) == PAGE_SIZE
+        assert [e.uffd_wp for e in region.pagemap()] == [True, False]
+        # writing the protected page is a WP fault; the unprotected one is not
+        toucher = Toucher.start([region.page_address(1), region.address], write=True)
+        events = serve(uffd, toucher, lambda e: uffd.writeprotect(
+            e.address & ~(PAGE_SIZE - 1), PAGE_SIZE, False))
+        assert len(events) == 1 and events[0].wp and events[0].address == region.address
+        assert [region[0], region[PAGE_SIZE]] == [0x61, 0x62]
+
+
+def test_copy_pages_wakes_each_contiguous_run_for_several_waiting_threads(need):
+    need()
+    with Userfaultfd.open() as uffd, Region.anonymous(16 * PAGE_SIZE) as region:
+        uffd.register(region.address, region.size, "MISSING")
+        # three threads wait on pages 1, 2 (one run) and 9 (another run)
+        waiters = [Toucher.start([region.page_address(i)]) for i in (1, 2, 9)]
+        try:
+            seen: set[int] = set()
+            deadline = time.monotonic() + 5
+            while len(seen) < 3 and time.monotonic() < deadline:
+                seen |= {e.address for e in uffd.wait_events(timeout=0.5)}
+            assert seen == {region.page_address(i) for i in (1, 2, 9)}
+            pages = [1, 2, 3, 9, 10]
+            assert uffd.copy_pages([region.page_address(i) for i in pages],
+                                   b"".join(page_of(i) for i in pages)) == 5
+            assert all(w.join(timeout=5) for w in waiters)
+        finally:
+            if not all(w.join(timeout=0) for w in waiters):
+                uffd.close()
+                for w in waiters:
+                    w.join(timeout=5)
+        assert [region[i * PAGE_SIZE] for i in pages] == pages
+        assert uffd.read_events() == []
