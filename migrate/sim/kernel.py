@@ -1043,7 +1043,7 @@ class Kernel:
             src.rss -= 1
             moved.append(entry.pfn)
         self.flush_tlb_range(src, src_addr, src_addr + length, core=src.home_core)
-        for off, pfn in zip(range(0, length, PAGE_SIZE), moved):
+        for off, pfn in zip(range(0, length, PAGE_SIZE), moved, strict=True):
             self.physmem.frame(pfn).owner = f"{dst.name}:{dvma.name or 'anon'}"
             self._install(dst, dvma, dst_addr + off, pfn,
                           writable=bool(dvma.prot & PROT_WRITE))

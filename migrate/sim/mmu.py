@@ -16,14 +16,13 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from migrate.sim.paging import (
-    PS,
     PageTable,
     PagingError,
     address_mask,
     is_canonical,
     reserved_mask,
 )
-from migrate.sim.physmem import PAGE_SHIFT, PhysicalMemory
+from migrate.sim.physmem import PhysicalMemory
 from migrate.sim.tlb import R_D, R_G, R_PKEY_SHIFT, R_U, R_W, R_XD, TLB, TLBConfig
 
 if TYPE_CHECKING:
@@ -459,28 +458,30 @@ class Core:
         raise PageFault(vaddr, code, reason)
 
     def _walk(self, vaddr: int, access: int, implicit: bool, use_caches: bool) -> int:
+        """The page walk (SDM 4.5): read each entry from physical memory, check P and the
+        reserved bits, combine R/W and U/S (AND over levels) and XD (OR), check the rights,
+        then set A/D; fill the TLB and paging-structure caches if ``use_caches``."""
         tlb = self.tlb
         tlb.counters.walks += 1
         data = self._data
-        pcid = self._pcid
         level = self._levels
         table = self._root
-        rw = us = 1
-        xd = 0
+        and_bits = -1  # AND of every entry used: R/W, U/S, and whether all A are set
+        or_bits = 0  # OR of every entry used: XD
         if use_caches:
+            pcid = self._pcid
             for psc, below in ((tlb.pde_cache, 1), (tlb.pdpt_cache, 2), (tlb.pml4_cache, 3)):
                 cached = psc.get(vaddr, pcid)
                 if cached is not None:
-                    table, rw, us, xd = cached
+                    table, and_bits, or_bits = cached
                     level = below
                     break
         rsvd = self._rsvd
         addr_mask = self._addr_mask
-        path: list[tuple[int, int, int, int, int, int]] = []
+        path: list[tuple[int, int, int, int, int]] = []  # (ea, level, entry, and, or)
         while True:
-            shift = 12 + 9 * (level - 1)
-            ea = table | (((vaddr >> shift) & 511) << 3)
-            page = data.get(ea >> PAGE_SHIFT)
+            ea = table | (((vaddr >> _LEVEL_SHIFT[level]) & 511) << 3)
+            page = data.get(ea >> 12)
             if page is None:
                 e = 0
             else:
@@ -489,20 +490,23 @@ class Core:
             if not e & 1:
                 self._fault(vaddr, self._base_code(access, implicit),
                             f"not present at level {level}")
-            ps = 1 if (level == 2 or level == 3) and e & PS else 0
-            if e & rsvd[level][ps]:
+            if e & rsvd[level][0]:
                 self._fault(vaddr, self._base_code(access, implicit) | 0x9,  # P | RSVD
-                            f"reserved bit set at level {level}: {e & rsvd[level][ps]:#x}")
-            rw &= e >> 1
-            us &= e >> 2
-            xd |= e >> 63
-            path.append((ea, level, e, rw & 1, us & 1, xd))
-            if ps or level == 1:
+                            f"reserved bit set at level {level}: {e & rsvd[level][0]:#x}")
+            and_bits &= e
+            or_bits |= e
+            path.append((ea, level, e, and_bits, or_bits))
+            if level == 1:
+                break
+            if e & 0x80:  # PS in a PDPTE/PDE (PS in a PML4E/PML5E is in the reserved mask)
+                if e & rsvd[level][1]:
+                    self._fault(vaddr, self._base_code(access, implicit) | 0x9,
+                                f"reserved bit set at level {level}: {e & rsvd[level][1]:#x}")
                 break
             table = e & addr_mask
             level -= 1
         pkey = (e >> 59) & 0xF
-        rights = (rw & 1) | ((us & 1) << 1) | (xd << 2) | (pkey << R_PKEY_SHIFT)
+        rights = ((and_bits >> 1) & 3) | ((or_bits >> 61) & 4) | (pkey << R_PKEY_SHIFT)
         code = (self._perm_implicit if implicit else self._perm)[access][rights | R_D]
         if code:
             self._fault(vaddr, code, "access rights")
@@ -510,32 +514,36 @@ class Core:
         # locked read-modify-write of the current memory value, so bits written meanwhile by
         # software are kept; nothing is set on a faulting access.
         write = access == Access.WRITE
-        mem = self.physmem
-        hooks = mem._write_hooks
-        for ea, lv, e_at, _rw, _us, _xd in path:
-            want = 0x20 if not e_at & 0x20 else 0
-            if write and ea == path[-1][0] and not e_at & 0x40:
-                want |= 0x40
-            if want:
-                page = data[ea >> PAGE_SHIFT]
-                off = ea & 0xFFF
-                cur = int.from_bytes(page[off:off + 8], "little")
-                if hooks:
-                    mem.write_u64(ea, cur | want, writer=f"{self.name}:walk")
-                else:
-                    page[off:off + 8] = (cur | want).to_bytes(8, "little")
-        page_shift = 12 + 9 * (level - 1)
+        if not (and_bits & 0x20) or (write and not e & 0x40):
+            mem = self.physmem
+            hooks = mem._write_hooks
+            last = path[-1][0]
+            for ea, _lv, e_at, _a, _o in path:
+                want = 0x20 if not e_at & 0x20 else 0
+                if write and ea == last and not e_at & 0x40:
+                    want |= 0x40
+                if want:
+                    page = data[ea >> 12]
+                    off = ea & 0xFFF
+                    cur = int.from_bytes(page[off:off + 8], "little")
+                    if hooks:
+                        mem.write_u64(ea, cur | want, writer=f"{self.name}:walk")
+                    else:
+                        page[off:off + 8] = (cur | want).to_bytes(8, "little")
+        page_shift = _LEVEL_SHIFT[level]
         base = e & addr_mask & ~((1 << page_shift) - 1)
         if use_caches:
-            for ea, lv, e_at, c_rw, c_us, c_xd in path[:-1]:
-                next_table = e_at & addr_mask
-                # With LA57 the PML4E cache entry also carries the PML5E's rights (cumulative).
+            pcid = self._pcid
+            for _ea, lv, e_at, c_and, c_or in path[:-1]:
+                # Cached rights are cumulative (with LA57 the PML4E entry includes the PML5E's);
+                # A is recorded as set because it was just set in every entry used.
+                value = (e_at & addr_mask, c_and | 0x20, c_or)
                 if lv == 4:
-                    tlb.pml4_cache.put(vaddr, pcid, (next_table, c_rw, c_us, c_xd))
+                    tlb.pml4_cache.put(vaddr, pcid, value)
                 elif lv == 3:
-                    tlb.pdpt_cache.put(vaddr, pcid, (next_table, c_rw, c_us, c_xd))
+                    tlb.pdpt_cache.put(vaddr, pcid, value)
                 elif lv == 2:
-                    tlb.pde_cache.put(vaddr, pcid, (next_table, c_rw, c_us, c_xd))
+                    tlb.pde_cache.put(vaddr, pcid, value)
             dirty = R_D if (write or e & 0x40) else 0
             global_ = (e & 0x100) and self._cr4_pge
             value = base | rights | dirty | (R_G if global_ else 0)
@@ -591,6 +599,7 @@ class Core:
 
 
 GLOBAL = 0x1000  # the TLB tag of global entries (matches tlb.GLOBAL_TAG)
+_LEVEL_SHIFT = (0, 12, 21, 30, 39, 48)
 
 __all__ = [
     "PF_ID",

@@ -5,10 +5,11 @@ is placed in it), so ``PhysicalMemory(64 << 30)`` costs nothing until touched. U
 as zeros, like freshly zeroed RAM.
 
 The allocator is a binary buddy system in the manner of Linux's mm/page_alloc.c: free blocks of
-2**order frames, naturally aligned, split on allocation and merged with their buddy on free. Orders
-run from 0 (4 KiB) to 18 (1 GiB) so that 2 MiB (order 9) and 1 GiB (order 18) huge pages can be
-allocated directly (Linux takes gigantic pages from memblock/CMA rather than the buddy lists; here one
-allocator serves both, which is what makes fragmentation defeat huge allocations observably).
+2**order frames, naturally aligned, split on allocation and merged with their buddy on free.
+Orders run from 0 (4 KiB) to 18 (1 GiB) so that 2 MiB (order 9) and 1 GiB (order 18) huge pages
+can be allocated directly (Linux takes gigantic pages from memblock/CMA rather than the buddy
+lists; here one allocator serves both, which makes fragmentation defeat huge allocations
+observably).
 
 Frame 0 is reserved as the shared zero page (Linux's ``empty_zero_page``): never allocated, never
 moved, always reading as zeros unless something writes to physical memory behind the kernel's back.
@@ -68,8 +69,8 @@ class BadFrame(PhysMemError, ValueError):
 class Frame:
     """Metadata of one allocated block, keyed by its first pfn (the head, like a compound page).
 
-    ``refcount`` counts users (mappings, the page cache, pins); ``pinned`` counts pins alone. A frame
-    whose refcount drops to zero through ``put``/``unpin`` goes back to the allocator.
+    ``refcount`` counts users (mappings, the page cache, pins); ``pinned`` counts pins alone. A
+    frame whose refcount drops to zero through ``put``/``unpin`` goes back to the allocator.
     """
 
     pfn: int

@@ -163,7 +163,7 @@ class TLBArray:
     def __len__(self) -> int:
         return sum(len(s) for s in self.sets)
 
-    def entries(self) -> list[tuple[int, int, int, int]]:
+    def entries(self) -> list[tuple[int, int, int]]:
         """(vaddr of page, shift, tag, value) of every entry, for inspection."""
         out = []
         for s in self.sets:
@@ -177,7 +177,8 @@ class TLBArray:
 class PagingStructureCache:
     """A PML4E, PDPTE or PDE cache (SDM 4.10.3): maps the linear-address bits above ``shift``
     (and a PCID) to the physical address of the next table and the rights combined so far.
-    Fully associative LRU. Values are (table_paddr, rw, us, xd)."""
+    Fully associative LRU. Values are (table_paddr, AND of the entries so far, OR of them):
+    the AND carries R/W and U/S, the OR carries XD."""
 
     __slots__ = ("data", "entries_max", "name", "shift", "stats")
 
@@ -185,10 +186,10 @@ class PagingStructureCache:
         self.name = name
         self.shift = shift  # entries cover bits 47:shift (56:shift with LA57)
         self.entries_max = config.entries
-        self.data: dict[int, tuple[int, int, int, int]] = {}
+        self.data: dict[int, tuple[int, int, int]] = {}
         self.stats = ArrayStats()
 
-    def get(self, vaddr: int, pcid: int) -> tuple[int, int, int, int] | None:
+    def get(self, vaddr: int, pcid: int) -> tuple[int, int, int] | None:
         key = ((vaddr >> self.shift) << 12) | pcid
         value = self.data.get(key)
         if value is None:
@@ -199,7 +200,7 @@ class PagingStructureCache:
         self.stats.hits += 1
         return value
 
-    def put(self, vaddr: int, pcid: int, value: tuple[int, int, int, int]) -> None:
+    def put(self, vaddr: int, pcid: int, value: tuple[int, int, int]) -> None:
         key = ((vaddr >> self.shift) << 12) | pcid
         if key in self.data:
             del self.data[key]
