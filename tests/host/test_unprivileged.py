@@ -33,7 +33,8 @@ except CapabilityError as exc:
 caps = capabilities()
 out["user_mode_only_required"] = caps["userfaultfd"]["user_mode_only_required"]
 out["advice"] = caps["advice"]
-with Userfaultfd.open(user_mode_only=True, via="syscall") as uffd, Region.anonymous(4 * PAGE_SIZE) as r:
+uffd = Userfaultfd.open(user_mode_only=True, via="syscall")
+with uffd, Region.anonymous(4 * PAGE_SIZE) as r:
     uffd.register(r.address, r.size, "MISSING")
     t = Toucher.start(list(r.pages()))
     served = 0
@@ -58,7 +59,8 @@ def test_non_root_gets_an_explanation_and_user_mode_only_still_serves_faults(cap
          SCRIPT, package_root],
         capture_output=True, text=True, timeout=60, check=False, cwd="/",
     )
-    if proc.returncode != 0 and "Permission denied" in proc.stderr and "Traceback" not in proc.stderr:
+    denied = "Permission denied" in proc.stderr and "Traceback" not in proc.stderr
+    if proc.returncode != 0 and denied:
         pytest.skip(f"the unprivileged user cannot run this Python: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
