@@ -144,7 +144,8 @@ def addr_array(addrs: Any) -> Any:
     ``array('Q')`` (or any buffer of 8-byte items)."""
     if isinstance(addrs, array.array):
         if addrs.itemsize != 8:
-            raise TypeError(f"address array must have 8-byte items, not typecode {addrs.typecode!r}")
+            raise TypeError(
+                f"address array must have 8-byte items, not typecode {addrs.typecode!r}")
         return ffi.from_buffer("uint64_t[]", addrs)
     if isinstance(addrs, memoryview):
         if addrs.itemsize != 8:
@@ -185,7 +186,8 @@ def mprotect(address: int, length: int, prot: Any) -> None:
 
 def madvise(address: int, length: int, advice: Any) -> None:
     _check_aligned(address, "madvise address")
-    check(lib.mig_madvise(address, length, _enum_value(Advice, advice, "madvise advice")), "madvise")
+    value = _enum_value(Advice, advice, "madvise advice")
+    check(lib.mig_madvise(address, length, value), f"madvise({_advice_name(value)})")
 
 
 def mremap(
@@ -220,7 +222,8 @@ def _huge_flag(hugetlb: str, table: dict[str, int]) -> int:
     try:
         return table[hugetlb.upper()]
     except (KeyError, AttributeError):
-        raise ValueError(f"hugetlb must be one of {sorted(table)} or None, not {hugetlb!r}") from None
+        raise ValueError(
+            f"hugetlb must be one of {sorted(table)} or None, not {hugetlb!r}") from None
 
 
 def _check_aligned(address: int, what: str, page_size: int = PAGE_SIZE) -> None:
@@ -467,7 +470,8 @@ class Region:
 def _norm_huge(hugetlb: str) -> str:
     key = str(hugetlb).upper()
     if key not in HUGE_PAGE_SIZES:
-        raise ValueError(f"hugetlb must be one of {sorted(HUGE_PAGE_SIZES)} or None, not {hugetlb!r}")
+        raise ValueError(
+            f"hugetlb must be one of {sorted(HUGE_PAGE_SIZES)} or None, not {hugetlb!r}")
     return key
 
 
@@ -583,7 +587,8 @@ class PagemapScanner:
 
     def scan(self, start: int, end: int, *, require: int = 0, anyof: int = 0, exclude: int = 0,
              return_mask: int | None = None, wp_matching: bool = False,
-             check_wpasync: bool = False, max_pages: int = 0) -> list[tuple[int, int, PageCategory]]:
+             check_wpasync: bool = False, max_pages: int = 0
+             ) -> list[tuple[int, int, PageCategory]]:
         """Runs ``(start, end, categories)`` of pages that have every ``require`` category, at
         least one ``anyof`` category (if given) and none of ``exclude``."""
         if self._fd < 0:
@@ -673,7 +678,8 @@ def read_process(pid: int, address: int, length: int, into: Any = None) -> memor
 
 
 def write_process(pid: int, address: int, data: Any) -> int:
-    """process_vm_writev of ``data`` (any buffer) to ``address`` in ``pid``; returns bytes written."""
+    """process_vm_writev of ``data`` (any buffer) to ``address`` in ``pid``; returns bytes
+    written."""
     buf = ffi.from_buffer(data)
     return check(lib.mig_process_write(pid, address, int(ffi.cast("uintptr_t", buf)), len(buf)),
                  f"process_vm_writev(pid {pid})")

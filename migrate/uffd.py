@@ -227,7 +227,8 @@ def supported_features(via: str = "auto", user_mode_only: bool = False) -> Featu
 
 
 class Userfaultfd:
-    """An open userfaultfd whose API handshake is done. Create with :meth:`open` or :meth:`adopt`."""
+    """An open userfaultfd whose API handshake is done. Create it with :meth:`open`, or wrap one
+    received from elsewhere with :meth:`adopt` (which takes ownership: close() closes the fd)."""
 
     def __init__(self, fd: int, features: Feature, ioctls: Ioctl, via: str,
                  nonblock: bool = True) -> None:
