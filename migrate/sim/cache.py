@@ -1,12 +1,12 @@
 """A virtually indexed, physically tagged (VIPT) L1 data cache, and page colouring.
 
 Geometry: ``size`` bytes in ``ways`` ways of ``line_size``-byte lines, so ``sets = size / (ways *
-line_size)``. The set index comes from the *virtual* address bits just above the line offset; the tag
-is the *physical* frame number (what real VIPT L1s compare after the TLB lookup that runs in
-parallel with indexing). While one way (``size / ways``) fits in a page, every index bit is a
-page-offset bit, identical in the virtual and the physical address: the cache behaves as if
-physically indexed and cannot alias. When a way is larger than a page, the index uses virtual bits
-above the page offset: the *colour* bits. ``colours = max(1, (size / ways) / page_size)``.
+line_size)``. The set index comes from the *virtual* address bits just above the line offset; the
+tag is the *physical* frame number (what real VIPT L1s compare after the TLB lookup that runs in
+parallel with indexing). While one way (``size / ways``) fits in a page, every index bit is a page-
+offset bit, identical in the virtual and the physical address: the cache behaves as if physically
+indexed and cannot alias. When a way is larger than a page, the index uses virtual bits above the
+page offset: the *colour* bits. ``colours = max(1, (size / ways) / page_size)``.
 
 Two virtual addresses of one physical line that differ in their colour bits (synonyms) index
 different sets, so the line can be cached twice. A store through one copy leaves the other stale:
@@ -21,9 +21,9 @@ arch/arm/mm/mmap.c COLOUR_ALIGN, arch/sparc/kernel/sys_sparc_64.c.)
 x86 L1Ds are built so they never alias (a 32 KiB 8-way or 48 KiB 12-way L1D has 4 KiB ways: one
 colour); the aliasing geometries here are those of older ARM/MIPS/SPARC parts.
 
-Stores are write-back, write-allocate. Memory writes by anyone other than this cache (DMA, the page
-walker, uncached CPU stores) snoop it: dirty copies are written back, then all copies invalidated, as
-on a coherent x86 system.
+Stores are write-back, write-allocate. Memory writes by anyone other than this cache (DMA, the
+page walker, uncached CPU stores) snoop it: dirty copies are written back, then all copies
+invalidated, as on a coherent x86 system.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ class CacheGeometry:
         # Ways need not be a power of two (48 KiB 12-way L1Ds exist), the number of sets must be:
         # it is indexed by address bits.
         if not _is_pow2(self.size // (self.ways * self.line_size)):
+            sets = self.size // (self.ways * self.line_size)
             raise ValueError(f"{self.size} bytes / ({self.ways} ways x {self.line_size} B) gives "
-                             f"{self.size // (self.ways * self.line_size)} sets, not a power of two")
+                             f"{sets} sets, not a power of two")
 
     @property
     def sets(self) -> int:
@@ -124,9 +125,10 @@ class CacheGeometry:
 
 def host_l1d_geometry(cpu: int = 0,
                       root: str = "/sys/devices/system/cpu") -> CacheGeometry | None:
-    """This host's level-1 data cache from sysfs (Documentation/ABI/testing/sysfs-devices-system-cpu,
-    cache/indexN/{level,type,size,ways_of_associativity,coherency_line_size}); None if the kernel
-    does not expose it. ``.colours`` then says whether it can alias."""
+    """This host's level-1 data cache from sysfs (Documentation/ABI/testing/
+    sysfs-devices-system-cpu, cache/indexN/{level,type,size,ways_of_associativity,
+    coherency_line_size}); None if the kernel does not expose it. ``.colours`` then says
+    whether it can alias."""
     import os
 
     base = os.path.join(root, f"cpu{cpu}", "cache")

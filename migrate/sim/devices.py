@@ -1,11 +1,11 @@
 """DMA engines: devices that read and write memory through the IOMMU, asynchronously.
 
 A device queues transfers (``dma_write(iova, data)``, ``dma_read(iova, n)``) and works through them
-as simulated time advances (``machine.tick(ns)``, ``device.step()``), one page-sized burst at a time:
-each burst is translated by the IOMMU when the device issues it, so an unmap in the middle of a
-transfer is seen by the rest of it. A burst that faults is recorded in the IOMMU fault log and
-dropped (the transfer carries on with the next page and completes with ``status == "error"``),
-the way a real DMA engine reports a completion error rather than losing the evidence. Completion is
+as simulated time advances (``machine.tick(ns)``, ``device.step()``), one page-sized burst at a
+time: each burst is translated by the IOMMU when the device issues it, so an unmap in the middle of
+a transfer is seen by the rest of it. A burst that faults is recorded in the IOMMU fault log and
+dropped (the transfer carries on with the next page and completes with ``status == "error"``), the
+way a real DMA engine reports a completion error rather than losing the evidence. Completion is
 signalled by the transfer's ``done`` flag and by appending it to ``device.completions`` (the
 interrupt). ``wait()`` runs simulated time until the device's queue is empty.
 

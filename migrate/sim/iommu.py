@@ -2,17 +2,20 @@
 log, Linux's IOVA allocator and the DMA-API layer above it (strict and lazy invalidation).
 
 Authorities (cited by section/function in the tests):
-- Intel VT-d specification (rev. 3.x/4.x): legacy-mode root and context entries (ch. 3.4), the
-  second-level paging entries (ch. 9.8: R bit 0, W bit 1, PS bit 7, SNP bit 11, TM bit 62, address
-  51:12), the access rights of a translation being the AND of R and W across every level walked
-  (ch. 3.6 "Second-Level Translation"), the non-recoverable fault reasons (ch. 7.1.3): 0x1 root
+- Intel VT-d specification (rev. 3.x/4.x; cited by chapter and title since section numbers move
+  between revisions): legacy-mode root and context entries (ch. 3, "Mapping Devices to
+  Domains"), the second-level paging entries (ch. 9, "Second-Level Paging Entries": R bit 0, W
+  bit 1, PS bit 7, SNP bit 11, TM bit 62, address 51:12), the access rights of a translation
+  being the AND of R and W across every level walked (ch. 3, "Second-Level Translation"), the
+  non-recoverable fault reasons (ch. 7, the table of fault conditions and reason codes): 0x1 root
   entry not present, 0x2 context entry not present, 0x4 address beyond the AGAW, 0x5 write without
   write permission, 0x6 read without read permission, 0x7 error fetching a paging entry, 0xC
   non-zero reserved field in a paging entry with R or W set. A legacy second-level entry has no
   present bit: R=W=0 *is* not-present, and the fault for touching it is 0x5/0x6 by access type; the
   fault record here says ``not_present=True`` in that case so nothing is lost. IOTLB invalidation is
-  global, domain-selective or page-selective with an address mask (ch. 6.5.1). Caching mode 0: only
-  successful translations are cached (ch. 6.1), so mapping a not-present IOVA needs no flush.
+  global, domain-selective or page-selective with an address mask (ch. 6, "Invalidation of
+  Translation Caches"). Caching mode 0: only successful translations are cached (ch. 6, "Caching
+  Mode"), so mapping a not-present IOVA needs no flush.
 - Linux drivers/iommu/iova.c: alloc_iova() top-down below limit_pfn, size-aligned, with the
   cached-node search and the one retry from the top; the per-size "rcache" of freed ranges up to
   2**(IOVA_RANGE_CACHE_MAX_SIZE-1) = 32 pages, in magazines of IOVA_MAG_SIZE = 127.
@@ -45,7 +48,7 @@ from migrate.sim.physmem import PAGE_SHIFT, PAGE_SIZE, BadFrame, PhysicalMemory
 if TYPE_CHECKING:
     from migrate.sim.devices import DmaDevice
 
-# ----------------------------------------------------------------------------- entry bits (ch 9.8)
+# ----------------------------------------------------------------------------- entry bits (ch 9)
 SL_R = 1 << 0
 SL_W = 1 << 1
 SL_PS = 1 << 7
@@ -53,7 +56,7 @@ SL_SNP = 1 << 11
 SL_TM = 1 << 62
 SL_ADDR_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
 
-# --------------------------------------------------------------------- fault reasons (ch 7.1.3)
+# --------------------------------------------------------------------- fault reasons (ch 7)
 FR_ROOT_NOT_PRESENT = 0x1
 FR_CONTEXT_NOT_PRESENT = 0x2
 FR_CONTEXT_INVALID = 0x3
@@ -452,7 +455,8 @@ class Translation:
 
 # ============================================================================ I/O page tables
 class IoPageTable:
-    """A second-level I/O page table in simulated physical memory (VT-d ch. 9.8 formats)."""
+    """A second-level I/O page table in simulated physical memory (VT-d ch. 9, "Second-Level
+    Paging Entries")."""
 
     def __init__(self, memory: PhysicalMemory, agaw: int, owner: str, *, haw: int = 46,
                  snoop_control: bool = False) -> None:
@@ -563,8 +567,9 @@ class IoPageTable:
         return size
 
     def walk(self, iova: int, write: bool) -> Translation:
-        """The hardware walk (VT-d ch. 3.6): rights are the AND over all levels; the first level
-        lacking the requested right faults (0x5/0x6), then reserved bits (0xC)."""
+        """The hardware walk (VT-d ch. 3, "Second-Level Translation"): rights are the AND over
+        all levels; the first level lacking the requested right faults (0x5/0x6), then reserved
+        bits (0xC)."""
         if iova < 0 or iova >> self.agaw:
             raise WalkFault(FR_ADDR_BEYOND_AGAW)
         need = SL_W if write else SL_R
@@ -647,7 +652,8 @@ class IOTLB:
 
     def invalidate_page(self, did: int, iova: int, am: int = 0) -> int:
         """Page-selective invalidation: 2**am pages at ``iova`` (aligned down to that size) in
-        domain ``did``, including any large page overlapping them (VT-d 6.5.1.2, IOTLB PSI)."""
+        domain ``did``, including any large page overlapping them (VT-d ch. 6, page-selective
+        IOTLB invalidation)."""
         span = PAGE_SIZE << am
         lo = iova & ~(span - 1)
         hi = lo + span
@@ -750,9 +756,9 @@ class Iommu:
     "lazy" (iommu.strict=0: unmapped IOVAs wait in a flush queue; the IOTLB is invalidated for the
     whole domain when the queue fills or its 10 ms timer fires)."""
 
-    def __init__(self, memory: PhysicalMemory, *, mode: str = "strict", clock: SimClock | None = None,
-                 iotlb_entries: int = 128, agaw: int = 48, forcedac: bool = False,
-                 fq_size: int = IOVA_DEFAULT_FQ_SIZE,
+    def __init__(self, memory: PhysicalMemory, *, mode: str = "strict",
+                 clock: SimClock | None = None, iotlb_entries: int = 128, agaw: int = 48,
+                 forcedac: bool = False, fq_size: int = IOVA_DEFAULT_FQ_SIZE,
                  fq_timeout_ns: int = IOVA_DEFAULT_FQ_TIMEOUT_NS) -> None:
         if agaw not in AGAW_LEVELS:
             raise IommuError(f"AGAW must be one of {sorted(AGAW_LEVELS)}, got {agaw}")
@@ -881,7 +887,7 @@ class Iommu:
         entry = self.iotlb.lookup(domain.did, iova)
         if entry is not None:
             # The cached rights are the ones used (software must invalidate after changing a
-            # present entry, ch. 6.5); the fault names no level since no walk happened.
+            # present entry, ch. 6); the fault names no level since no walk happened.
             if (write and not entry.write) or (not write and not entry.read):
                 self._fault(dev, iova, access, WalkFault(FR_WRITE if write else FR_READ))
                 return None

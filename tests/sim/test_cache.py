@@ -60,7 +60,8 @@ def test_access_with_mismatched_page_offset_is_rejected() -> None:
         cache.read(0x1004, 0x5008, 4)
 
 
-def _two_synonyms(mem: PhysicalMemory, geometry: tuple[int, int]) -> tuple[VIPTCache, int, int, int]:
+def _two_synonyms(mem: PhysicalMemory,
+                  geometry: tuple[int, int]) -> tuple[VIPTCache, int, int, int]:
     cache = VIPTCache.build(mem, *geometry)
     pfn = mem.alloc(owner="shared")
     assert isinstance(pfn, int)

@@ -5,7 +5,7 @@ References: Linux drivers/iommu/dma-iommu.c (__iommu_dma_unmap: strict mode sync
 the IOVA is freed; lazy mode queue_iova() into a 256-entry flush queue with a 10 ms timer),
 iommu_dma_map_sg (one contiguous IOVA range for scattered pages), VFIO type1 vfio_unmap_unpin()
 (unpin only after iommu_iotlb_sync), mm/gup.c pin_user_pages (a pinned page is neither freed nor
-migrated), the VT-d fault reasons of ch. 7.1.3.
+migrated), the VT-d fault reasons of ch. 7.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The remapping hardware (VT-d) and Linux's IOVA allocator, rule by rule.
 
 Spec references are to the Intel VT-d Architecture Specification (rev. 3.x/4.x):
-ch. 3.6 second-level translation (rights = AND of R/W across levels), ch. 6.1 caching mode,
-ch. 6.5.1 IOTLB invalidation granularities, ch. 7.1.3 non-recoverable fault reasons,
-ch. 9.8 second-level paging entry formats. Allocator references are to Linux drivers/iommu/iova.c
+ch. 3 "Second-Level Translation" (rights = AND of R/W across levels), ch. 6 caching mode and
+ch. 6 IOTLB invalidation granularities, ch. 7 non-recoverable fault reasons (the table of
+fault conditions), ch. 9 second-level paging entry formats. (Cited by title: section numbers
+move between revisions.) Allocator references are to Linux drivers/iommu/iova.c
 and dma-iommu.c (function names in the comments).
 """
 
@@ -54,7 +55,7 @@ def _fault(pt: IoPageTable, iova: int, write: bool) -> WalkFault:
     return exc.value
 
 
-# ----------------------------------------------------------------------------- entry format (9.8)
+# ------------------------------------------------------------------------------ entry format (9)
 def test_entry_bits_sit_at_their_architectural_positions() -> None:
     mem, pt = _pt()
     pfn = _frame(mem)
@@ -78,7 +79,7 @@ def test_agaw_selects_the_number_of_levels() -> None:
         IoPageTable(PhysicalMemory(4 * MiB), 40, "t")
 
 
-# ---------------------------------------------------------------- rights across levels (3.6)
+# ------------------------------------------------------------------ rights across levels (3)
 def test_rights_are_the_and_of_every_level() -> None:
     mem, pt = _pt()
     pfn = _frame(mem)
@@ -100,7 +101,7 @@ def test_rights_are_the_and_of_every_level() -> None:
 
 def test_not_present_entry_faults_by_access_type_and_says_not_present() -> None:
     # Legacy second-level entries have no P bit: R=W=0 is not-present, and the fault reason is
-    # the one for the access (0x6 read, 0x5 write), ch. 7.1.3.
+    # the one for the access (0x6 read, 0x5 write), ch. 7.
     _, pt = _pt()
     r = _fault(pt, 0x1000, write=False)
     w = _fault(pt, 0x1000, write=True)
@@ -202,7 +203,7 @@ def test_map_refuses_bad_input() -> None:
         pt.map(0x1000, pfn << PAGE_SHIFT)
 
 
-# --------------------------------------------------------------------------------- IOTLB (6.5.1)
+# ------------------------------------------------------------------------------------ IOTLB (6)
 def _entry(did: int, iova: int, size: int = PAGE_SIZE) -> IotlbEntry:
     return IotlbEntry(did, iova, size, 0x10_0000, True, True, None)
 
@@ -255,7 +256,7 @@ def test_iotlb_is_lru_with_bounded_capacity() -> None:
 def test_a_cached_translation_survives_a_pte_change_until_invalidated() -> None:
     # Caching is architectural (ch. 6): clearing a PTE without invalidating leaves the IOTLB
     # translating; only the invalidation makes the change visible. Only successful translations
-    # are cached with CM=0 (ch. 6.1), so a fault is never cached.
+    # are cached with CM=0 (ch. 6, "Caching Mode"), so a fault is never cached.
     mem = PhysicalMemory(64 * MiB)
     iommu = Iommu(mem)
     dev = iommu.add_device("nic")
