@@ -103,7 +103,7 @@ def region_digest(buffer: _Buffer) -> str:
 
 
 def diff_pages(hashes_a: array | bytes, hashes_b: array | bytes) -> list[int]:
-    """Indexes of the pages whose hashes differ; the two lists must cover the same number of pages."""
+    """Indexes of the pages whose hashes differ (both lists must cover the same pages)."""
     a = _as_hash_array(hashes_a, "hashes_a")
     b = _as_hash_array(hashes_b, "hashes_b")
     if len(a) != len(b):

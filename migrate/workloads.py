@@ -476,7 +476,8 @@ def reference_digest(
 
 def benchmark(args: Any) -> dict[str, Any]:
     """Per workload at ``args.memory`` (default 512M): init seconds, seconds for default_ops,
-    operations per second; and the digest's speed over the final region. Medians of ``args.runs``."""
+    operations per second; and the digest's speed over the final region. Medians of
+    ``args.runs``."""
     import statistics
     import time
 

@@ -380,7 +380,7 @@ def test_kv_operations_are_zipf_skewed_gets_and_puts():
     with Workload.init(region, "kv", ops=ops) as workload:
         assert workload.run() is RunStatus.DONE
     keys, versions = _kv_slots(region)
-    version_of = {k: v for k, v in zip(keys, versions) if k}
+    version_of = {k: v for k, v in zip(keys, versions, strict=True) if k}
     puts = sum(version_of.values())
     assert 0.19 * ops <= puts <= 0.21 * ops  # about one put in five
     # Zipf with s = 0.99: P(rank 1) / P(rank 2) = 2**0.99 ~ 1.99, and rank 1 takes several
@@ -635,4 +635,21 @@ def test_sparse_reaches_pages_beyond_4_gib():
         assert 0.08 < (len(nonzero) - 1) / (size // PAGE - 1) < 0.12
         assert workload.run() is RunStatus.DONE
         assert workload.digest() == wl.run_to_completion("sparse", size, ops=ops)
+    region.close()
+
+
+@pytest.mark.slow
+def test_kv_table_beyond_4_gib():
+    """A 4.5 GiB table: every page (past the 4 GiB mark too) holds keys after init, and the
+    skewed operations find every key they look up (a lost key would be WL_ECORRUPT)."""
+    size = 9 << 29
+    region = new_region(size)
+    with Workload.init(region, "kv", ops=300_000) as workload:
+        assert workload.run() is RunStatus.DONE
+        assert workload.info()["init_done"] == (size - PAGE) // 64
+        assert not any(zero_map(region))
+        last_page = words(region, size - PAGE)
+        keys = [k for k in last_page[0::8] if k]
+        nkeys = (size - PAGE) // 64 // 2
+        assert keys and all(1 <= k <= nkeys for k in keys)
     region.close()
