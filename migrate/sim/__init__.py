@@ -15,6 +15,8 @@ Public API (see docs/sim.md)::
 
 from __future__ import annotations
 
+from migrate.sim.kernel import File, Kernel, KernelError, Process, Signal
+from migrate.sim.loader import Layout, SharedObject
 from migrate.sim.machine import Machine, MachineConfig
 from migrate.sim.mmu import (
     PF_ID,
@@ -58,10 +60,14 @@ __all__ = [
     "CPUException",
     "Core",
     "Entry",
+    "File",
     "Frame",
     "FramePinned",
     "GeneralProtection",
     "InvalidOpcode",
+    "Kernel",
+    "KernelError",
+    "Layout",
     "Machine",
     "MachineConfig",
     "OutOfMemory",
@@ -69,6 +75,9 @@ __all__ = [
     "PageTable",
     "PagingError",
     "PhysicalMemory",
+    "Process",
+    "SharedObject",
+    "Signal",
     "TLBConfig",
     "WalkStep",
 ]

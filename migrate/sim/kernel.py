@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import random
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from migrate.sim.loader import STACK_GUARD_GAP, Layout, Loader
@@ -138,6 +139,9 @@ class VMA:
     growsdown: bool = False
     pkey: int = 0
     huge: bool = False
+    # userfaultfd-like missing-page handler: called with the faulting page's address, returns
+    # the page's 4096 bytes (UFFDIO_COPY) or None (UFFDIO_ZEROPAGE). Anonymous private VMAs.
+    userfault: Callable[[int], bytes | None] | None = None
 
     @property
     def anon(self) -> bool:
@@ -220,7 +224,8 @@ class Process:
         if vma.huge and addr % SIZE_2M:
             raise KernelError("EINVAL", f"cannot split a huge-page mapping at {addr:#x}")
         tail = VMA(addr, vma.end, vma.prot, vma.shared, vma.file,
-                   vma.offset + (addr - vma.start), vma.name, vma.growsdown, vma.pkey, vma.huge)
+                   vma.offset + (addr - vma.start), vma.name, vma.growsdown, vma.pkey, vma.huge,
+                   vma.userfault)
         vma.end = addr
         self._insert_vma(tail)
 
@@ -371,6 +376,20 @@ class Process:
 
     def fork(self, name: str | None = None) -> Process:
         return self.kernel.fork(self, name)
+
+    def register_userfault(self, addr: int, length: int,
+                           handler: Callable[[int], bytes | None]) -> None:
+        """Register [addr, addr+length) (one private anonymous mapping) for missing-page
+        faults, like UFFDIO_REGISTER with MODE_MISSING: every first touch of a page calls
+        ``handler(page_address)``, whose bytes are installed in a fresh frame (post-copy
+        demand paging). Resolution "userfault" in the fault log."""
+        vma = self.find_vma(addr)
+        if vma is None or vma.end < addr + length or not vma.anon or vma.shared:
+            raise KernelError("EINVAL", "userfault needs one private anonymous mapping")
+        self._split(addr & ~(PAGE_SIZE - 1))
+        self._split((addr + length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+        for v in self._overlaps(addr, addr + length):
+            v.userfault = handler
 
     # ------------------------------------------------------------------ pkeys
     def pkey_alloc(self, access_rights: int = 0, *, core: int | None = None) -> int:
@@ -851,6 +870,15 @@ class Kernel:
         va = addr & ~(PAGE_SIZE - 1)
         write = access == Access.WRITE
         zero = self.physmem.zero_frame
+        if vma.anon and vma.userfault is not None:
+            content = vma.userfault(va)
+            if content is not None and len(content) != PAGE_SIZE:
+                raise KernelError("EINVAL", f"userfault handler returned {len(content)} bytes")
+            pfn = self._new_anon(proc, vma)
+            if content is not None:
+                self.physmem.write(pfn << 12, content, writer="kernel")
+            self._install(proc, vma, va, pfn, writable=self._pte_writable(vma, pfn))
+            return "userfault"
         if vma.anon:
             if vma.huge:
                 base = addr & ~(SIZE_2M - 1)

@@ -454,3 +454,24 @@ def test_huge_page_mapping_and_fallback_under_fragmentation() -> None:
     p.write(h2, b"x")
     assert any(r.resolution == "thp-fallback" for r in p.fault_log)
     assert not p.pte(h2).huge
+
+
+def test_userfault_serves_missing_pages_on_demand(machine) -> None:
+    """Post-copy demand paging: a registered range asks its handler for each page at the first
+    touch (like userfaultfd MODE_MISSING + UFFDIO_COPY); later accesses do not fault."""
+    p = machine.kernel.spawn()
+    a = p.mmap(None, 8 * PG, "rw")
+    asked: list[int] = []
+
+    def remote(page: int) -> bytes:
+        asked.append(page)
+        return f"page@{page - a:#x}".encode().ljust(PG, b".")
+
+    p.register_userfault(a, 8 * PG, remote)
+    assert p.read(a + 3 * PG, 10) == b"page@0x300"
+    p.write(a + 5 * PG, b"local")
+    assert p.read(a + 5 * PG, 11) == b"local0x5000"  # "page@0x5000" with 5 bytes overwritten
+    assert asked == [a + 3 * PG, a + 5 * PG]
+    p.read(a + 3 * PG, 1)
+    assert len(asked) == 2
+    assert [r.resolution for r in p.fault_log] == ["userfault", "userfault"]
