@@ -16,6 +16,8 @@ import warnings
 from array import array
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from migrate._native import ffi, lib
 
 from migrate import workloads as wl
@@ -148,6 +150,41 @@ def test_pieces_of_random_size_copied_to_new_addresses_give_the_same_region(name
     assert workload.ops_done == workload.total_ops == ops
     assert workload.info()["phase"] == "done"
     assert workload.digest() == want
+    workload.close()
+    region.close()
+
+
+_TINY_OPS = 3000
+_tiny_reference: dict[str, str] = {}
+
+
+@settings(
+    max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    name=st.sampled_from(NAMES),
+    budgets=st.lists(st.integers(min_value=1, max_value=20_000), min_size=1, max_size=12),
+    move_after=st.lists(st.booleans(), min_size=12, max_size=12),
+)
+def test_any_split_of_the_work_gives_the_same_region(name, budgets, move_after):
+    """Property: whatever the budgets, and whichever pieces are followed by a move to a fresh
+    mapping, the region ends as an uninterrupted run's does (1 MiB regions, so it stays fast)."""
+    size = wl.MIN_SIZE
+    if name not in _tiny_reference:
+        _tiny_reference[name] = wl.run_to_completion(name, size, seed=11, ops=_TINY_OPS)
+    region = new_region(size)
+    workload = Workload.init(region, name, seed=11, ops=_TINY_OPS)
+    for budget, move in zip(budgets, move_after, strict=False):
+        if workload.run(max_ops=budget) is RunStatus.DONE:
+            break
+        if move:
+            moved = new_region(size)
+            moved[:] = region[:]
+            workload.close()
+            region.close()
+            region, workload = moved, Workload(moved)
+    workload.run()
+    assert workload.digest() == _tiny_reference[name]
     workload.close()
     region.close()
 
