@@ -288,7 +288,7 @@ class DestSession:
 
     def _fail(self, exc: BaseException) -> None:
         phase = self.report.phase
-        cause = f"{type(exc).__name__}: {exc}"
+        cause = self.guest.explain(exc) if self.guest else f"{type(exc).__name__}: {exc}"
         self.report.error = cause
         self.report.ok = False
         self.daemon.log(f"migration failed during {phase}: {cause}")

@@ -335,6 +335,14 @@ class GuestHandle:
     def go(self, discard: bytes) -> None:
         self.send({"type": "go", "discard": discard})
 
+    def explain(self, exc: BaseException) -> str:
+        """The cause to report for ``exc``: a dead guest is named as such (the failing call
+        is kept as detail), anything else is reported as it is."""
+        cause = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, GuestError) or self.alive():
+            return cause
+        return f"the {self.role} guest died ({self._death()}); {cause}"
+
     def _death(self) -> str:
         code = self.proc.poll()
         if code is None:

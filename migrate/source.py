@@ -537,7 +537,7 @@ class SourceMigration:
         return self.downtime_ns - self.resume_ns
 
     def _failed(self, exc: BaseException) -> dict[str, Any]:
-        cause = f"{type(exc).__name__}: {exc}"
+        cause = self.guest.explain(exc) if self.guest else f"{type(exc).__name__}: {exc}"
         phase = getattr(exc, "phase", self.phase)
         print(f"[source] migration failed during {phase}: {cause}", file=sys.stderr, flush=True)
         if self.sockets and not self.conn.finished and self.conn.state != protocol.State.START:
