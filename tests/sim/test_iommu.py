@@ -11,6 +11,8 @@ and dma-iommu.c (function names in the comments).
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from migrate.sim.iommu import (
     FR_ADDR_BEYOND_AGAW,
@@ -375,3 +377,32 @@ def test_forcedac_allocates_at_the_top_of_the_domain() -> None:
     narrow = iommu.add_device("narrow", dma_bits=40)
     iova, _ = iommu.dma_map(narrow, [_frame(mem)], "to_device")
     assert iova == (1 << 40) - PAGE_SIZE             # the device's DMA mask is the limit
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([1, 2, 3, 5, 8, 17, 33, 64]),
+                          st.sampled_from([0x3FF, 0xFFF, 0xFFFFF, (1 << 36) - 1]),
+                          st.integers(0, 1 << 16)), max_size=80),
+       st.booleans())
+def test_iova_ranges_never_overlap_and_respect_the_limit(
+        ops: list[tuple[bool, int, int, int]], rcache: bool) -> None:
+    # iova.c invariants: every allocation lies in [start_pfn, limit_pfn], is aligned to its
+    # rounded size, and never overlaps another allocation or a reserved range.
+    iovad = IovaDomain(rcache=rcache)
+    iovad.reserve(0x100, 0x10F)
+    live: dict[int, int] = {}
+    for alloc, size, limit, pick in ops:
+        if not alloc and live:
+            lo = sorted(live)[pick % len(live)]
+            iovad.free_iova_fast(lo, live.pop(lo))
+            continue
+        pfn = iovad.alloc_iova_fast(size, limit)
+        if pfn is None:
+            continue
+        span = IovaDomain._round(size)
+        assert 1 <= pfn and pfn + span - 1 <= limit
+        assert pfn % (1 << (span - 1).bit_length()) == 0
+        assert pfn + span - 1 < 0x100 or pfn > 0x10F
+        for lo, other in live.items():
+            assert pfn + span - 1 < lo or lo + IovaDomain._round(other) - 1 < pfn
+        live[pfn] = size
