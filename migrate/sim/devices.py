@@ -356,8 +356,8 @@ def run_teardown(iommu: Iommu, order: Sequence[str] = SAFE_ORDER, *, pages: int 
     iommu.clock.advance(settle_ns)
     corrupted = [pfn for pfn in victim
                  if memory.read(pfn << PAGE_SHIFT, PAGE_SIZE) != victim_pattern]
-    for pfn in spacers:
-        memory.free(pfn)
+    for pfn in [*spacers, *victim]:
+        memory.free(pfn)            # evidence taken; leave memory as it was for the next run
     return TeardownReport(tuple(order), iommu.mode, dev.name, buffer_owner, victim_owner, m.iova,
                           m.length, frames, transfer.status, transfer.bytes_done,
                           iommu.faults[nfaults:], iommu.violations[nviol:], victim, corrupted,

@@ -563,3 +563,13 @@ def test_flush_timer_runs_from_the_first_queued_entry_per_domain() -> None:
     assert iommu.domain_of(b).fq and iommu.iotlb.contains(did_b, ib)
     iommu.clock.advance(IOVA_DEFAULT_FQ_TIMEOUT_NS)
     assert not iommu.flush_queue and not iommu.iotlb.contains(did_b, ib)
+
+
+def test_teardown_runs_can_be_repeated_on_one_iommu() -> None:
+    mem, iommu = _setup("strict")
+    before = None
+    for order in [SAFE_ORDER, ("unpin", "free", "wait", "unmap"), SAFE_ORDER]:
+        run_teardown(iommu, order)
+        after = mem.allocated_frames()
+        assert before is None or after == before      # nothing leaks between runs
+        before = after
