@@ -32,6 +32,8 @@ from migrate.sim.paging import (
     PKEY_MASK,
     PKEY_SHIFT,
     RW,
+    LEAF_LEVEL,
+    SIZE_1G,
     SIZE_2M,
     SW_PROTNONE,
     XD,
@@ -40,7 +42,7 @@ from migrate.sim.paging import (
     PageTable,
     PagingError,
 )
-from migrate.sim.physmem import ORDER_2M, PAGE_SIZE, OutOfMemory
+from migrate.sim.physmem import ORDER_1G, ORDER_2M, PAGE_SIZE, OutOfMemory
 
 if TYPE_CHECKING:
     from migrate.sim.machine import Machine
@@ -138,7 +140,7 @@ class VMA:
     name: str = ""
     growsdown: bool = False
     pkey: int = 0
-    huge: bool = False
+    huge: int = 0  # page size of a huge-page mapping (2 MiB or 1 GiB), 0 for 4 KiB pages
     # userfaultfd-like missing-page handler: called with the faulting page's address, returns
     # the page's 4096 bytes (UFFDIO_COPY) or None (UFFDIO_ZEROPAGE). Anonymous private VMAs.
     userfault: Callable[[int], bytes | None] | None = None
@@ -160,8 +162,8 @@ class VMA:
 class FaultRecord:
     address: int
     error_code: int
-    access: str
-    core: int
+    access: str  # read, write, fetch; "gup" for kernel-initiated faults (populate, poke)
+    core: int  # -1 for kernel-initiated faults
     resolution: str  # zero-page, demand-zero, cow, reuse, file, file-hole, thp, spurious, segv...
     stack_grew: bool = False
 
@@ -221,7 +223,7 @@ class Process:
         vma = self.find_vma(addr)
         if vma is None or vma.start == addr:
             return
-        if vma.huge and addr % SIZE_2M:
+        if vma.huge and addr % vma.huge:
             raise KernelError("EINVAL", f"cannot split a huge-page mapping at {addr:#x}")
         tail = VMA(addr, vma.end, vma.prot, vma.shared, vma.file,
                    vma.offset + (addr - vma.start), vma.name, vma.growsdown, vma.pkey, vma.huge,
@@ -261,16 +263,22 @@ class Process:
     # ------------------------------------------------------------------ system calls
     def mmap(self, addr: int | None, length: int, prot: int | str = "rw", *,
              shared: bool = False, file: File | str | None = None, offset: int = 0,
-             fixed: bool = False, huge: bool = False, name: str = "",
+             fixed: bool = False, huge: bool | int = False, name: str = "",
              populate: bool = False, core: int | None = None) -> int:
         """mmap(2). ``addr`` is a hint unless ``fixed`` (MAP_FIXED replaces what is there).
-        ``huge`` asks for 2 MiB pages (THP-like, falling back to 4 KiB on fragmentation)."""
+        ``huge`` asks for 2 MiB pages (``True`` or ``SIZE_2M``, THP-like) or 1 GiB pages
+        (``SIZE_1G``), falling back to 4 KiB pages when fragmentation leaves no such block."""
         if not isinstance(length, int) or length <= 0:
             raise KernelError("EINVAL", f"length must be positive, got {length!r}")
         if offset % PAGE_SIZE:
             raise KernelError("EINVAL", f"offset {offset:#x} is not page-aligned")
         prot_bits = parse_prot(prot)
-        align = SIZE_2M if huge else PAGE_SIZE
+        huge_size = SIZE_2M if huge is True else int(huge)
+        if huge_size not in (0, SIZE_2M, SIZE_1G):
+            raise KernelError("EINVAL", f"huge must be True, 2 MiB or 1 GiB, got {huge!r}")
+        if huge_size and (shared or file is not None):
+            raise KernelError("EINVAL", "huge pages are modelled for private anonymous memory")
+        align = huge_size or PAGE_SIZE
         length = (length + align - 1) & ~(align - 1)
         if isinstance(file, str):
             file = self.kernel.files[file]
@@ -293,11 +301,13 @@ class Process:
             # MAP_SHARED|MAP_ANONYMOUS is shmem: an unnamed file, so fork shares its pages.
             file = self.kernel.create_file(f"shmem:{self.pid}:{start:#x}", length)
             name = name or "/dev/zero (deleted)"
-        vma = VMA(start, start + length, prot_bits, shared, file, offset, name, huge=huge)
+        vma = VMA(start, start + length, prot_bits, shared, file, offset, name, huge=huge_size)
         self._insert_vma(vma)
-        if populate:
-            for va in range(start, start + length, PAGE_SIZE):
-                self.read(va, 1, core=core)
+        if populate:  # MAP_POPULATE: write-fault private writable memory, read-fault the rest
+            write = bool(prot_bits & PROT_WRITE) and not shared
+            step = huge_size or PAGE_SIZE
+            for va in range(start, start + length, step):
+                self.kernel.fault_in(self, va, write=write)
         return start
 
     def munmap(self, addr: int, length: int, *, core: int | None = None,
@@ -795,12 +805,13 @@ class Kernel:
         proc.fault_log.append(record)
 
         def deliver(signo: str, si_code: str, reason: str, pkey: int | None = None) -> None:
-            record.resolution = "sigbus" if signo == "SIGBUS" else (
-                "pkuerr" if si_code == "SEGV_PKUERR" else "segv")
+            record.resolution = {"SIGBUS": "sigbus", "SIGKILL": "sigkill"}.get(
+                signo, "pkuerr" if si_code == "SEGV_PKUERR" else "segv")
             raise Signal(signo, si_code, addr, code, reason, pkey)
 
         if code & PF_RSVD:
-            deliver("SIGBUS", "BUS_OBJERR", "reserved bit in a page-table entry (pgtable_bad)")
+            # arch/x86/mm/fault.c pgtable_bad(): a corrupted page table kills the task.
+            deliver("SIGKILL", "SI_KERNEL", "reserved bit in a page-table entry (pgtable_bad)")
         vma = proc.find_vma(addr)
         if vma is None:
             vma = self._expand_stack(proc, addr)
@@ -881,13 +892,13 @@ class Kernel:
             return "userfault"
         if vma.anon:
             if vma.huge:
-                base = addr & ~(SIZE_2M - 1)
-                steps = proc.pt.entries(base)
-                pde_free = not (len(steps) >= 3 and steps[-1].level == 2
-                                and steps[-1].entry.present)
-                if vma.start <= base and base + SIZE_2M <= vma.end and pde_free:
+                size = vma.huge
+                base = addr & ~(size - 1)
+                last = proc.pt.entries(base)[-1]
+                slot_free = not last.entry.present and last.level >= LEAF_LEVEL[size]
+                if vma.start <= base and base + size <= vma.end and slot_free:
                     try:
-                        pfn = self._new_anon(proc, vma, ORDER_2M)
+                        pfn = self._new_anon(proc, vma, ORDER_2M if size == SIZE_2M else ORDER_1G)
                     except OutOfMemory:
                         # Fragmentation: no order-9 block. THP falls back to a 4 KiB page.
                         pfn = self._new_anon(proc, vma)
@@ -895,8 +906,8 @@ class Kernel:
                         return "thp-fallback"
                     else:
                         self._install(proc, vma, base, pfn, writable=bool(
-                            vma.prot & PROT_WRITE), size=SIZE_2M)
-                        return "thp"
+                            vma.prot & PROT_WRITE), size=size)
+                        return "thp" if size == SIZE_2M else "huge-1g"
             if not write:
                 self._install(proc, vma, va, zero, writable=False)
                 return "zero-page"
@@ -977,14 +988,18 @@ class Kernel:
             raise KernelError("EFAULT", f"{vaddr:#x} is not mapped accessibly")
         va = vaddr & ~(PAGE_SIZE - 1)
         hit = proc.pt.lookup(vaddr)
+        record = FaultRecord(vaddr, PF_WR if write else 0, "gup", -1, "")
         if hit is None:
-            self._fault_not_present(proc, vma, vaddr,
-                                    Access.WRITE if write else Access.READ, proc.home_core)
+            proc.fault_log.append(record)
+            record.resolution = self._fault_not_present(
+                proc, vma, vaddr, Access.WRITE if write else Access.READ, proc.home_core)
         elif write and not hit[1].writable and not vma.shared:
+            proc.fault_log.append(record)
+            record.error_code |= PF_P
             saved = vma.prot
             vma.prot |= PROT_WRITE  # FOLL_FORCE: break COW as if the mapping were writable
             try:
-                self._wp_fault(proc, vma, va, hit[1], proc.home_core)
+                record.resolution = self._wp_fault(proc, vma, va, hit[1], proc.home_core)
             finally:
                 vma.prot = saved
             leaf = proc.pt.leaf(va)
@@ -1007,18 +1022,20 @@ class Kernel:
         zero = self.physmem.zero_frame
         for vma in parent.vmas:
             cv = VMA(vma.start, vma.end, vma.prot, vma.shared, vma.file, vma.offset, vma.name,
-                     vma.growsdown, vma.pkey, vma.huge)
+                     vma.growsdown, vma.pkey, vma.huge, vma.userfault)
             child._insert_vma(cv)
             for va, entry in list(parent.pt.mappings(vma.start, vma.end,
                                                      include_protnone=True)):
                 pfn = entry.pfn
                 if entry.huge and not vma.shared:
-                    # 2 MiB private pages are copied at fork (no huge-page COW in this model).
-                    new = self._new_anon(child, cv, ORDER_2M)
-                    for i in range(512):
-                        self.physmem.copy_frame(pfn + i, new + i, writer="kernel")
+                    # Private huge pages are copied at fork (no huge-page COW in this model).
+                    order = ORDER_2M if entry.page_size == SIZE_2M else ORDER_1G
+                    new = self._new_anon(child, cv, order)
+                    for i in range(1 << order):
+                        if self.physmem.is_materialised(pfn + i):
+                            self.physmem.copy_frame(pfn + i, new + i, writer="kernel")
                     self._install(child, cv, va, new, writable=bool(cv.prot & PROT_WRITE),
-                                  size=SIZE_2M)
+                                  size=entry.page_size)
                     continue
                 if pfn != zero:
                     self.physmem.get(pfn)

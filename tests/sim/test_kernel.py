@@ -475,3 +475,38 @@ def test_userfault_serves_missing_pages_on_demand(machine) -> None:
     p.read(a + 3 * PG, 1)
     assert len(asked) == 2
     assert [r.resolution for r in p.fault_log] == ["userfault", "userfault"]
+
+
+def test_one_gigabyte_mapping_and_populate() -> None:
+    m = Machine(cores=1, memory=2 << 30)
+    p = m.kernel.spawn()
+    g = p.mmap(None, 1 << 30, "rw", huge=1 << 30, populate=True)
+    assert g % (1 << 30) == 0
+    assert p.pte(g).page_size == 1 << 30 and p.rss_pages() == 1 << 18
+    assert p.fault_log[-1].resolution == "huge-1g"
+    p.write(g + (700 << 20), b"deep")
+    assert p.read(g + (700 << 20), 4) == b"deep"
+    assert m.cores[0].tlb.stats["l1d_1g"]["fills"] >= 1
+    with pytest.raises(KernelError):
+        p.mmap(None, 4096, huge=12345)
+
+
+def test_populate_write_faults_private_writable_memory(machine) -> None:
+    p = machine.kernel.spawn()
+    a = p.mmap(None, 4 * PG, "rw", populate=True)
+    assert p.rss_pages() == 4
+    assert all(p.pte(a + i * PG).writable for i in range(4))
+
+
+def test_corrupt_page_table_kills_the_process(machine) -> None:
+    """arch/x86/mm/fault.c: a fault with RSVD set means a corrupted page table (pgtable_bad)."""
+    p = machine.kernel.spawn()
+    a = p.mmap(None, PG, "rw")
+    p.write(a, b"x")
+    p.pt.update(a, set_bits=1 << 50)  # a reserved address bit (MAXPHYADDR 46)
+    with pytest.raises(Signal) as info:
+        with machine.cores[0].supervisor():
+            machine.cores[0].invlpg(a)
+        p.read(a, 1)
+    assert info.value.signo == "SIGKILL"
+    assert info.value.error_code & 0x8  # RSVD
