@@ -6,7 +6,9 @@ Layout constants and formulas follow Linux (x86-64, 4-level paging):
   maximum stack randomisation, clamped to [128 MiB, 5/6 TASK_SIZE].
 - fs/binfmt_elf.c ``randomize_stack_top``: STACK_RND_MASK = 0x3fffff pages (22 bits).
 - fs/binfmt_elf.c PIE: load_bias = ELF_ET_DYN_BASE (2/3 of DEFAULT_MAP_WINDOW) + arch_mmap_rnd().
-- arch/x86/kernel/process.c ``arch_randomize_brk``: randomize_page(brk, 32 MiB) (13 bits).
+- arch/x86/kernel/process.c ``arch_randomize_brk``: randomize_page(brk, SZ_1G) for 64-bit tasks
+  (18 bits of pages; Linux 6.9 raised it from the 32 MiB still used for ia32 tasks, which was the
+  64-bit value before). ``BRK_RND_RANGE_IA32`` keeps the old figure for comparison.
 
 The "machine code" is a five-instruction subset of x86-64, enough for position-independent calls
 through the PLT: ``E8 rel32`` (call), ``FF 25 disp32`` (jmp *[rip+disp32]), ``FF 35 disp32``
@@ -30,13 +32,14 @@ TASK_SIZE = (1 << 47) - PAGE  # x86-64 TASK_SIZE_MAX with 4-level paging
 DEFAULT_MAP_WINDOW = TASK_SIZE
 STACK_RND_MASK = 0x3FFFFF  # pages
 MMAP_RND_BITS = 28  # /proc/sys/vm/mmap_rnd_bits default on x86-64
-BRK_RND_RANGE = 0x0200_0000  # 32 MiB
+BRK_RND_RANGE = 1 << 30  # SZ_1G (64-bit tasks, Linux >= 6.9)
+BRK_RND_RANGE_IA32 = 32 << 20  # SZ_32M (ia32 tasks; 64-bit tasks before 6.9)
 RLIMIT_STACK = 8 << 20
 STACK_GUARD_GAP = 256 * PAGE  # mm/mmap.c stack_guard_gap
 ELF_ET_DYN_BASE = (DEFAULT_MAP_WINDOW // 3 * 2) & ~(PAGE - 1)
 SIZE_128M = 128 << 20
 
-ENTROPY_BITS = {"stack": 22, "mmap": MMAP_RND_BITS, "pie": MMAP_RND_BITS, "brk": 13}
+ENTROPY_BITS = {"stack": 22, "mmap": MMAP_RND_BITS, "pie": MMAP_RND_BITS, "brk": 18}
 
 
 def page_align(x: int) -> int:
@@ -53,7 +56,8 @@ class Layout:
     brk_start: int
 
     @classmethod
-    def randomize(cls, rng: random.Random | None, *, exe_size: int = 16 * PAGE) -> Layout:
+    def randomize(cls, rng: random.Random | None, *, exe_size: int = 16 * PAGE,
+                  brk_range: int = BRK_RND_RANGE) -> Layout:
         """Linux's layout; ``rng=None`` gives the non-randomised layout (norandmaps)."""
         def bits(n: int) -> int:
             return rng.getrandbits(n) if rng is not None else 0
@@ -66,7 +70,7 @@ class Layout:
         mmap_base = page_align(TASK_SIZE - gap - mmap_rnd)
         load_bias = ELF_ET_DYN_BASE + ((bits(64) & ((1 << MMAP_RND_BITS) - 1)) << 12)
         end_of_exe = load_bias + page_align(exe_size)
-        brk_start = end_of_exe + (bits(64) % (BRK_RND_RANGE // PAGE)) * PAGE
+        brk_start = end_of_exe + (bits(64) % (brk_range // PAGE)) * PAGE
         return cls(stack_top, mmap_base, load_bias, brk_start)
 
 

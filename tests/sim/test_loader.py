@@ -7,6 +7,7 @@ import struct
 from migrate.sim import Machine, MachineConfig
 from migrate.sim.loader import (
     BRK_RND_RANGE,
+    BRK_RND_RANGE_IA32,
     ELF_ET_DYN_BASE,
     ENTROPY_BITS,
     MMAP_RND_BITS,
@@ -19,7 +20,8 @@ from migrate.sim.loader import (
 
 def test_layout_ranges_follow_linux_entropy() -> None:
     """Stack top randomised by up to STACK_RND_MASK pages (22 bits), PIE base by 28 bits of
-    pages above ELF_ET_DYN_BASE, brk within 32 MiB above the executable; mmap_base below the
+    pages above ELF_ET_DYN_BASE, brk within 1 GiB above the executable (arch_randomize_brk,
+    SZ_1G for 64-bit tasks since Linux 6.9; SZ_32M before and for ia32); mmap_base below the
     stack gap by up to 2**28 pages."""
     import random
 
@@ -33,7 +35,9 @@ def test_layout_ranges_follow_linux_entropy() -> None:
         assert all(x % 4096 == 0 for x in (lay.stack_top, lay.mmap_base, lay.load_bias))
     assert len({lay.mmap_base for lay in layouts}) == 200
     assert len({lay.stack_top for lay in layouts}) == 200
-    assert ENTROPY_BITS == {"stack": 22, "mmap": 28, "pie": 28, "brk": 13}
+    assert ENTROPY_BITS == {"stack": 22, "mmap": 28, "pie": 28, "brk": 18}
+    old = Layout.randomize(random.Random(2), brk_range=BRK_RND_RANGE_IA32)
+    assert old.brk_start - old.load_bias < (16 << 12) + (32 << 20)
     fixed = Layout.randomize(None)
     assert fixed == Layout.randomize(None)  # norandmaps: deterministic
 
