@@ -506,9 +506,10 @@ class Userfaultfd:
     # -- batches --------------------------------------------------------------------------------
     def copy_pages(self, addrs: Sequence[int] | Any, src_buffer: Any, page_size: int = PAGE_SIZE,
                    *, wake: bool = True) -> int:
-        """Install page i of ``src_buffer`` at ``addrs[i]`` (UFFDIO_COPY with DONTWAKE each,
-        EEXIST counted as already present), then one WAKE per contiguous run. One C call.
-        Returns the number of pages installed by this call."""
+        """Install page i of ``src_buffer`` at ``addrs[i]`` with UFFDIO_COPY and DONTWAKE, then one
+        WAKE per contiguous run of addresses. One C call. A run of consecutive addresses goes in
+        one multi-page COPY (its source pages are consecutive too); a page found present (EEXIST)
+        is counted as already there and skipped. Returns the pages this call installed."""
         arr = addr_array(addrs)
         n = len(arr)
         buf = ffi.from_buffer(src_buffer)

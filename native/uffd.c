@@ -157,84 +157,90 @@ static int mig_uffd_wake_runs(int fd, const uint64_t *addrs, uint64_t n, uint64_
 	return first_err;
 }
 
-int mig_uffd_copy_pages(int fd, const uint64_t *addrs, uint64_t n, const char *src,
-                        uint64_t page_size, int wake, uint64_t *installed)
+/* Copy (or zero-fill, when src is NULL) one contiguous range with one ioctl; after a partial
+ * result continue past what was done, after EEXIST skip the present page and go on. *done gets
+ * the bytes this call installed. Returns 0 or the first error other than EEXIST. */
+static int mig_uffd_fill_range(int fd, uint64_t dst, const char *src, uint64_t len,
+                               uint64_t page_size, uint64_t mode, uint64_t *done)
 {
-	uint64_t done = 0, i;
+	uint64_t off = 0;
+	*done = 0;
+	while (off < len) {
+		int64_t count = 0;
+		int ret;
+		if (src)
+			ret = mig_uffd_copy(fd, dst + off, (uint64_t)(uintptr_t)(src + off), len - off, mode,
+			                    &count);
+		else
+			ret = mig_uffd_zeropage(fd, dst + off, len - off,
+			                        mode ? UFFDIO_ZEROPAGE_MODE_DONTWAKE : 0, &count);
+		if (ret == 0) {
+			*done += len - off;
+			return 0;
+		}
+		if (count > 0) {
+			/* Partial (the kernel says -EAGAIN): go on after what was done. */
+			*done += (uint64_t)count;
+			off += (uint64_t)count;
+		} else if (ret == -EEXIST) {
+			off += page_size; /* a present page: skip it, keep installing the rest */
+		} else {
+			return ret;
+		}
+	}
+	return 0;
+}
+
+/* Pages whose destinations are contiguous are also contiguous in the source buffer, so each run
+ * goes in one multi-page ioctl (fewer syscalls, and the kernel copies faster in larger pieces). */
+static int mig_uffd_fill_pages(int fd, const uint64_t *addrs, uint64_t n, const char *src,
+                               uint64_t page_size, int wake, uint64_t *installed)
+{
+	uint64_t total = 0, i = 0, reached = 0;
 	int first_err = 0;
-	for (i = 0; i < n; i++) {
-		int64_t copied = 0;
-		int ret = mig_uffd_copy(fd, addrs[i], (uint64_t)(uintptr_t)(src + i * page_size), page_size,
-		                        UFFDIO_COPY_MODE_DONTWAKE, &copied);
-		if (ret == 0)
-			done++;
-		else if (ret != -EEXIST) {
+	while (i < n) {
+		uint64_t j = i + 1, done = 0;
+		int ret;
+		while (j < n && addrs[j] == addrs[j - 1] + page_size)
+			j++;
+		ret = mig_uffd_fill_range(fd, addrs[i], src ? src + i * page_size : NULL,
+		                          (j - i) * page_size, page_size, UFFDIO_COPY_MODE_DONTWAKE, &done);
+		total += done / page_size;
+		reached = j;
+		if (ret < 0) {
 			first_err = ret;
 			break;
 		}
+		i = j;
 	}
-	*installed = done;
+	*installed = total;
 	if (wake) {
-		/* Wake even after an error: the pages already installed must not leave threads asleep. */
-		int ret = mig_uffd_wake_runs(fd, addrs, i < n ? i : n, page_size);
+		/* Wake even after an error: threads waiting on installed pages must not stay asleep. */
+		int ret = mig_uffd_wake_runs(fd, addrs, reached, page_size);
 		if (!first_err)
 			first_err = ret;
 	}
 	return first_err;
+}
+
+int mig_uffd_copy_pages(int fd, const uint64_t *addrs, uint64_t n, const char *src,
+                        uint64_t page_size, int wake, uint64_t *installed)
+{
+	if (!src && n)
+		return -EINVAL;
+	return mig_uffd_fill_pages(fd, addrs, n, src, page_size, wake, installed);
 }
 
 int mig_uffd_zero_pages(int fd, const uint64_t *addrs, uint64_t n, uint64_t page_size, int wake,
                         uint64_t *installed)
 {
-	uint64_t done = 0, i;
-	int first_err = 0;
-	for (i = 0; i < n; i++) {
-		int64_t zeroed = 0;
-		int ret = mig_uffd_zeropage(fd, addrs[i], page_size, UFFDIO_ZEROPAGE_MODE_DONTWAKE, &zeroed);
-		if (ret == 0)
-			done++;
-		else if (ret != -EEXIST) {
-			first_err = ret;
-			break;
-		}
-	}
-	*installed = done;
-	if (wake) {
-		int ret = mig_uffd_wake_runs(fd, addrs, i < n ? i : n, page_size);
-		if (!first_err)
-			first_err = ret;
-	}
-	return first_err;
+	return mig_uffd_fill_pages(fd, addrs, n, NULL, page_size, wake, installed);
 }
 
 int mig_uffd_copy_range(int fd, uint64_t dst, const char *src, uint64_t len, uint64_t page_size,
                         uint64_t mode, uint64_t *installed)
 {
-	uint64_t off = 0, done = 0;
-	int ret = 0;
-	while (off < len) {
-		int64_t copied = 0;
-		ret = mig_uffd_copy(fd, dst + off, (uint64_t)(uintptr_t)(src + off), len - off, mode, &copied);
-		if (ret == 0) {
-			done += len - off;
-			off = len;
-			break;
-		}
-		if (copied > 0) {
-			/* Partial copy (the kernel says -EAGAIN): go on after what was copied. */
-			done += (uint64_t)copied;
-			off += (uint64_t)copied;
-			ret = 0;
-		} else if (ret == -EEXIST) {
-			/* A present page at dst+off: skip it, keep installing the rest. */
-			off += page_size;
-			ret = 0;
-		} else {
-			break;
-		}
-	}
-	*installed = done;
-	return ret;
+	return mig_uffd_fill_range(fd, dst, src, len, page_size, mode, installed);
 }
 
 static void mig_uffd_decode(const struct uffd_msg *m, struct mig_uffd_event *e)

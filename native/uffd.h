@@ -86,8 +86,9 @@ int mig_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64
 int mig_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *updated);
 int mig_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *moved);
 
-/* Batches for the destination's hot path: page i of src goes to addrs[i], each with DONTWAKE;
- * EEXIST counts as already present; then one WAKE per contiguous run of addrs when wake != 0.
+/* Batches for the destination's hot path: page i of src goes to addrs[i] with DONTWAKE (one
+ * multi-page ioctl per run of consecutive addrs); EEXIST counts as already present and is
+ * skipped; then one WAKE per contiguous run of addrs when wake != 0.
  * *installed gets the pages this call installed. Returns 0 or the first other -errno. */
 int mig_uffd_copy_pages(int fd, const uint64_t *addrs, uint64_t n, const char *src,
                         uint64_t page_size, int wake, uint64_t *installed);

@@ -300,3 +300,23 @@ def test_copy_pages_wakes_each_contiguous_run_for_several_waiting_threads(need):
                     w.join(timeout=5)
         assert [region[i * PAGE_SIZE] for i in pages] == pages
         assert uffd.read_events() == []
+
+
+def test_copy_pages_skips_a_present_page_inside_a_run(need):
+    need()
+    with Userfaultfd.open() as uffd, Region.anonymous(8 * PAGE_SIZE) as region:
+        uffd.register(region.address, region.size, "MISSING")
+        uffd.copy(region.page_address(2), page_of(0xEE))
+        uffd.zero_pages([region.page_address(6)])
+        # one run 1..4 with page 2 present in the middle, then a run 6..7 with 6 present
+        pages = [1, 2, 3, 4, 6, 7]
+        assert uffd.copy_pages([region.page_address(i) for i in pages],
+                               b"".join(page_of(i) for i in pages)) == 4
+        # pages 0 and 5 were never filled: still missing (never read them from Python!)
+        assert not memory_present(region, 0) and not memory_present(region, 5)
+        assert [region[i * PAGE_SIZE] for i in (1, 2, 3, 4, 6, 7)] == [1, 0xEE, 3, 4, 0, 7]
+        assert uffd.zero_pages([region.page_address(i) for i in range(8)]) == 2
+
+
+def memory_present(region: Region, index: int) -> bool:
+    return region.pagemap(index, 1)[0].present
