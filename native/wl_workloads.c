@@ -24,7 +24,7 @@
 /* wl_rotl64 and wl_xxh64 come from wl_digest.c, which build.py includes before this file (the
  * .c files are included in name order into one translation unit). */
 
-#define WL_VERSION 2
+#define WL_VERSION 3
 #define WL_MAGIC 0x31304c574749524dULL /* "MIGRWL01" little-endian */
 #define WL_CONTROL_SIZE 4096
 #define WL_MIN_SIZE (1024 * 1024)
@@ -196,23 +196,27 @@ static double wl_log1p(double x) /* x > -1 */
     return wl_log(1.0 + x);
 }
 
-/* exp(r) for |r| <= 0.35 by Taylor to degree 14 (error below 1e-18). */
+/* 1/k! for k = 0..14 (folded by the compiler, correctly rounded). */
+static const double wl_inv_fact[15] = {
+    1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
+    1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0,
+    1.0 / 87178291200.0,
+};
+
+/* sum_{k=first}^{14} r^(k-first) / k!, by Horner: multiplications only (no divisions on the
+ * sampler's critical path). */
+static double wl_taylor_tail(double r, int first)
+{
+    double p = wl_inv_fact[14];
+    for (int k = 13; k >= first; k--)
+        p = p * r + wl_inv_fact[k];
+    return p;
+}
+
+/* exp(r) for |r| <= 0.35 by Taylor to degree 14 (truncation below 1e-18). */
 static double wl_exp_small(double r)
 {
-    double s = 1.0 + r / 14;
-    s = 1.0 + r / 13 * s;
-    s = 1.0 + r / 12 * s;
-    s = 1.0 + r / 11 * s;
-    s = 1.0 + r / 10 * s;
-    s = 1.0 + r / 9 * s;
-    s = 1.0 + r / 8 * s;
-    s = 1.0 + r / 7 * s;
-    s = 1.0 + r / 6 * s;
-    s = 1.0 + r / 5 * s;
-    s = 1.0 + r / 4 * s;
-    s = 1.0 + r / 3 * s;
-    s = 1.0 + r / 2 * s;
-    return 1.0 + r * s;
+    return wl_taylor_tail(r, 0);
 }
 
 static double wl_exp(double x)
@@ -228,12 +232,8 @@ static double wl_exp(double x)
 
 static double wl_expm1(double x)
 {
-    if (x > -0.25 && x < 0.25) {
-        double s = 1.0 + x / 14;
-        for (int i = 13; i >= 2; i--)
-            s = 1.0 + x / i * s;
-        return x * s;
-    }
+    if (x > -0.25 && x < 0.25)
+        return x * wl_taylor_tail(x, 1); /* exact for tiny x, unlike exp(x) - 1 */
     return wl_exp(x) - 1.0;
 }
 
