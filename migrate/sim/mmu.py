@@ -249,7 +249,6 @@ class Core:
                bool(self._cr4_smap), bool(self._cr4_pke), bool(self._ac),
                self._pkru if self._cr4_pke else 0)
         self._perm, self._perm_implicit = _permission_tables(key)
-        self._perm_read = self._perm[0]
         nxe = bool(self._efer_nxe)
         m = self.maxphyaddr
         self._rsvd = [(0, 0)] + [(reserved_mask(lv, False, m, nxe), reserved_mask(lv, True, m, nxe))
@@ -388,8 +387,9 @@ class Core:
         ``PageFault`` (or ``GeneralProtection`` for a non-canonical address, SDM 6.15)."""
         if (vaddr >> self._canon_shift) not in (0, self._canon_hi):
             self._noncanonical(vaddr)
-        if access or implicit_supervisor:  # writes, fetches and implicit accesses: general path
+        if access == 2 or implicit_supervisor:  # fetches and implicit accesses: general path
             return self._translate_slow(vaddr, access, implicit_supervisor)
+        # Data access: probe the L1 DTLB for a 4 KiB entry of this PCID, then a global one.
         vpn = vaddr >> 12
         s = self._l1_sets[vpn & self._l1_mask]
         key = (vpn << 15) | self._pcid
@@ -397,7 +397,8 @@ class Core:
         if value is None:
             key = (vpn << 15) | 0x1000
             value = s.get(key)
-        if value is not None and not self._perm_read[value & 0xFF]:
+        # Table value 0: allowed; >0: fault; NEEDS_DIRTY: a write through a clean entry.
+        if value is not None and not self._perm[access][value & 0xFF]:
             del s[key]  # LRU
             s[key] = value
             self._l1_stats.hits += 1
