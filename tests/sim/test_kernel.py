@@ -510,3 +510,16 @@ def test_corrupt_page_table_kills_the_process(machine) -> None:
         p.read(a, 1)
     assert info.value.signo == "SIGKILL"
     assert info.value.error_code & 0x8  # RSVD
+
+
+def test_munmap_shoots_down_every_core(machine) -> None:
+    """munmap clears the PTEs, flushes every core running the mm (IPI), then frees the frames:
+    the other core's next access faults and gets SIGSEGV (MAPERR)."""
+    k = machine.kernel
+    p, a = two_core_process(machine)
+    ipis = k.stats["ipis"]
+    p.munmap(a, 4 * PG, core=0)
+    assert k.stats["ipis"] == ipis + 1
+    with pytest.raises(Signal) as info:
+        p.write(a, b"x", core=1)
+    assert info.value.si_code == "SEGV_MAPERR"

@@ -358,3 +358,17 @@ def test_default_geometry_is_skylake() -> None:
     assert (cfg.stlb.entries, cfg.stlb.ways) == (1536, 12)
     _m, core = world()
     assert len(core.tlb.stlb.sets) == 128
+
+
+def test_invlpg_of_any_address_in_a_2m_page_drops_its_entry() -> None:
+    """SDM 4.10.4.1: INVLPG invalidates the TLB entries for the page containing the address,
+    whatever the page size."""
+    m, core = world()
+    pt = m.new_page_table()
+    pt.map(0x4000_0000, 0x20_0000, 1 << 21, user=False)
+    core.load_cr3(pt)
+    assert core.translate(0x4000_0000) == 0x20_0000
+    pt.map(0x4000_0000, 0x60_0000, 1 << 21, user=False, replace=True)
+    assert core.translate(0x4000_1234) == 0x20_1234
+    core.invlpg(0x401F_F000)  # last 4 KiB of the 2 MiB page
+    assert core.translate(0x4000_1234) == 0x60_1234
