@@ -15,19 +15,22 @@ from migrate._native import ffi, lib
 __all__ = ["check", "check_errno", "ffi", "lib", "oserror"]
 
 
-def oserror(err: int, call: str) -> OSError:
-    """An ``OSError`` (subclass chosen by errno) whose message names the call that failed."""
-    return OSError(err, f"{call}: {os.strerror(err)}")
+def oserror(err: int, call: str, hints: dict[int, str] | None = None) -> OSError:
+    """An ``OSError`` (subclass chosen by errno) whose message names the call that failed, plus
+    what that errno means for this call when ``hints`` knows it."""
+    hint = hints.get(err) if hints else None
+    suffix = f" ({hint})" if hint else ""
+    return OSError(err, f"{call}: {os.strerror(err)}{suffix}")
 
 
-def check(ret: int, call: str) -> int:
+def check(ret: int, call: str, hints: dict[int, str] | None = None) -> int:
     """Return ``ret`` if it is >= 0; otherwise raise the ``OSError`` for errno ``-ret``.
 
     Every ``mig_*`` wrapper reports failure as ``-errno``. For a raw libc call that returns -1 and
     sets errno, use :func:`check_errno` instead.
     """
     if ret < 0:
-        raise oserror(-ret, call)
+        raise oserror(-ret, call, hints)
     return ret
 
 

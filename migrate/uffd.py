@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -187,6 +188,15 @@ def _decode(e: Any) -> Event:
         return Unmap(e.a, e.b)
     raise OSError(f"userfaultfd read: unknown event type {kind:#x}")
 
+
+# What an errno from a resolving ioctl means (fs/userfaultfd.c, mm/userfaultfd.c).
+_RESOLVE_HINTS: dict[int, str] = {
+    errno.ESRCH: "the process whose memory this userfaultfd serves has exited",
+    errno.ENOENT: "the range is not registered with this userfaultfd, or its VMA changed",
+    errno.EAGAIN: "the address space is changing (mremap/fork in progress): retry",
+    errno.EINVAL: "range not registered in a mode that allows this ioctl, or bad alignment",
+    errno.EEXIST: "the page is already present",
+}
 
 # ---- the handle ---------------------------------------------------------------------------
 
@@ -417,7 +427,8 @@ class Userfaultfd:
     # -- resolving ----------------------------------------------------------------------------
     def wake(self, addr: int, length: int) -> None:
         self._aligned(addr, length, "wake")
-        check(lib.mig_uffd_wake(self.fileno(), addr, length), f"ioctl(UFFDIO_WAKE {addr:#x})")
+        check(lib.mig_uffd_wake(self.fileno(), addr, length), f"ioctl(UFFDIO_WAKE {addr:#x})",
+              _RESOLVE_HINTS)
 
     def copy(self, dst: int, src: int | Any, length: int | None = None, *, dontwake: bool = False,
              wp: bool = False) -> int:
@@ -445,7 +456,8 @@ class Userfaultfd:
             done = int(copied[0])
             if done > 0:
                 return done  # partial copy: the caller continues from dst + done
-            raise oserror(-done if done < 0 else -ret, f"ioctl(UFFDIO_COPY {dst:#x}+{length:#x})")
+            raise oserror(-done if done < 0 else -ret, f"ioctl(UFFDIO_COPY {dst:#x}+{length:#x})",
+                          _RESOLVE_HINTS)
         return int(copied[0])
 
     def zeropage(self, addr: int, length: int, *, dontwake: bool = False) -> int:
@@ -462,7 +474,8 @@ class Userfaultfd:
         mode = (lib.UFFDIO_WRITEPROTECT_MODE_WP if enable else 0) | (
             lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE if dontwake else 0)
         check(lib.mig_uffd_writeprotect(self.fileno(), addr, length, mode),
-              f"ioctl(UFFDIO_WRITEPROTECT {'on' if enable else 'off'} {addr:#x}+{length:#x})")
+              f"ioctl(UFFDIO_WRITEPROTECT {'on' if enable else 'off'} {addr:#x}+{length:#x})",
+              _RESOLVE_HINTS)
 
     def continue_(self, addr: int, length: int, *, dontwake: bool = False, wp: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages already there (MINOR faults)."""
@@ -500,7 +513,7 @@ class Userfaultfd:
         if ret < 0:
             if done > 0:
                 return done  # partial: the kernel did `done` bytes and said EAGAIN
-            raise oserror(-done if done < 0 else -ret, call)
+            raise oserror(-done if done < 0 else -ret, call, _RESOLVE_HINTS)
         return done
 
     # -- batches --------------------------------------------------------------------------------
@@ -520,7 +533,8 @@ class Userfaultfd:
         installed = self._outu64
         ret = lib.mig_uffd_copy_pages(self.fileno(), arr, n, buf, page_size, 1 if wake else 0,
                                       installed)
-        check(ret, f"ioctl(UFFDIO_COPY batch of {n}, {int(installed[0])} installed)")
+        check(ret, f"ioctl(UFFDIO_COPY batch of {n}, {int(installed[0])} installed)",
+              _RESOLVE_HINTS)
         return int(installed[0])
 
     def zero_pages(self, addrs: Sequence[int] | Any, page_size: int = PAGE_SIZE, *,
@@ -533,7 +547,8 @@ class Userfaultfd:
         installed = self._outu64
         ret = lib.mig_uffd_zero_pages(self.fileno(), arr, n, page_size, 1 if wake else 0,
                                       installed)
-        check(ret, f"ioctl(UFFDIO_ZEROPAGE batch of {n}, {int(installed[0])} installed)")
+        check(ret, f"ioctl(UFFDIO_ZEROPAGE batch of {n}, {int(installed[0])} installed)",
+              _RESOLVE_HINTS)
         return int(installed[0])
 
     def copy_range(self, dst: int, src_buffer: Any, page_size: int = PAGE_SIZE, *,
@@ -547,7 +562,7 @@ class Userfaultfd:
         installed = self._outu64
         mode = lib.UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0
         ret = lib.mig_uffd_copy_range(self.fileno(), dst, buf, length, page_size, mode, installed)
-        check(ret, f"ioctl(UFFDIO_COPY {dst:#x}+{length:#x})")
+        check(ret, f"ioctl(UFFDIO_COPY {dst:#x}+{length:#x})", _RESOLVE_HINTS)
         return int(installed[0])
 
     # -- events ---------------------------------------------------------------------------------

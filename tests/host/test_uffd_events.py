@@ -143,3 +143,23 @@ def test_adopt_does_not_redo_the_handshake(need):
             adopted.register(r.address, r.size, "MISSING")
             assert adopted.copy(r.address, b"\x05" * PAGE_SIZE) == PAGE_SIZE
         assert r[0] == 5
+
+
+def test_copy_into_a_process_that_exited_says_so(need, reap):
+    need("EVENT_FORK")
+    from migrate.probe import fork_paused
+
+    with Userfaultfd.open(Feature.EVENT_FORK) as uffd, Region.anonymous(2 * PAGE_SIZE) as r:
+        uffd.register(r.address, r.size, "MISSING")
+        t, box = in_thread(fork_paused)
+        events = read_until(uffd, 1)
+        t.join(5)
+        pid = box["result"]
+        reap.track(pid)
+        with Userfaultfd.adopt(events[0].uffd, Feature.EVENT_FORK) as child_uffd:
+            os.kill(pid, 9)
+            reap(pid)
+            with pytest.raises(ProcessLookupError, match="serves has exited"):
+                child_uffd.copy_pages([r.address], bytes(PAGE_SIZE))
+            with pytest.raises(ProcessLookupError, match="UFFDIO_COPY"):
+                child_uffd.copy(r.address, bytes(PAGE_SIZE))
