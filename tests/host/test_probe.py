@@ -77,3 +77,24 @@ def test_toucher_reports_one_latency_per_page_and_populates():
         lat = touch_pages((region.address, 8, PAGE_SIZE), write=True)
         assert len(lat) == 8 and all(v > 0 for v in lat)
         assert all(e.present for e in region.pagemap())
+
+
+def test_madvise_guard_region_faults_and_shows_in_pagemap():
+    from migrate.memory import PageCategory, pagemap_scan
+
+    with Region.anonymous(4 * PAGE_SIZE) as region:
+        region.populate(write=True)
+        try:
+            region.advise("GUARD_INSTALL", PAGE_SIZE, PAGE_SIZE)
+        except OSError as exc:  # EINVAL before Linux 6.13
+            pytest.skip(f"MADV_GUARD_INSTALL unsupported: {exc}")
+        # a guard marker replaces the page: the fault is SIGSEGV as for no mapping at all
+        result = probe(region.page_address(1) + 9, "read")
+        assert (result.signal_name, result.si_code_name) == ("SIGSEGV", "SEGV_MAPERR")
+        assert result.si_addr == region.page_address(1) + 9
+        assert [(e.present, e.guard) for e in region.pagemap()] == [
+            (True, False), (False, True), (True, False), (True, False)]
+        runs = pagemap_scan("self", region.address, region.end, require=PageCategory.GUARD)
+        assert [(s, e) for s, e, _ in runs] == [(region.page_address(1), region.page_address(2))]
+        region.advise("GUARD_REMOVE", PAGE_SIZE, PAGE_SIZE)
+        assert not probe(region.page_address(1), "write").faulted
