@@ -163,3 +163,43 @@ def test_copy_into_a_process_that_exited_says_so(need, reap):
                 child_uffd.copy_pages([r.address], bytes(PAGE_SIZE))
             with pytest.raises(ProcessLookupError, match="UFFDIO_COPY"):
                 child_uffd.copy(r.address, bytes(PAGE_SIZE))
+
+
+def test_wp_async_dirty_tracking_of_another_process(need, reap):
+    """The source daemon's view: a guest process's region is write-protected asynchronously and
+    PAGEMAP_SCAN on /proc/PID/pagemap returns the pages written since the previous round."""
+    need("WP_ASYNC", "WP_UNPOPULATED", "EVENT_FORK", pagemap_scan=True)
+    from migrate.memory import PageCategory, PagemapScanner
+    from migrate.probe import fork_paused
+
+    features = Feature.WP_ASYNC | Feature.WP_UNPOPULATED | Feature.EVENT_FORK
+    with Userfaultfd.open(features) as uffd, Region.anonymous(16 * PAGE_SIZE) as r:
+        r.populate(write=True)
+        uffd.register(r.address, r.size, "WP")
+        uffd.writeprotect(r.address, r.size, True)
+        t, box = in_thread(fork_paused)
+        events = read_until(uffd, 1)
+        t.join(5)
+        pid = box["result"]
+        reap.track(pid)
+        try:
+            with Userfaultfd.adopt(events[0].uffd, features), PagemapScanner(pid) as scanner:
+                def round_() -> list[tuple[int, int]]:
+                    runs = scanner.scan(r.address, r.end, require=PageCategory.WRITTEN,
+                                        wp_matching=True, check_wpasync=True)
+                    return [((s - r.address) // PAGE_SIZE, (e - r.address) // PAGE_SIZE)
+                            for s, e, _ in runs]
+
+                assert round_() == []  # the child inherited the protection with its uffd
+                for i in (2, 9, 10):  # writes into the child's memory (process_vm_writev)
+                    assert memory.write_process(pid, r.page_address(i), b"dirty") == 5
+                assert round_() == [(2, 3), (9, 11)]
+                assert round_() == []  # re-protected by the previous walk
+                memory.write_process(pid, r.page_address(15), b"x")
+                assert round_() == [(15, 16)]
+            # our own copy of the region saw none of it
+            assert memory.pagemap_scan("self", r.address, r.end,
+                                       require=PageCategory.WRITTEN) == []
+        finally:
+            os.kill(pid, 9)
+            reap(pid)
