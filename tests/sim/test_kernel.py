@@ -523,3 +523,27 @@ def test_munmap_shoots_down_every_core(machine) -> None:
     with pytest.raises(Signal) as info:
         p.write(a, b"x", core=1)
     assert info.value.si_code == "SEGV_MAPERR"
+
+
+def test_tlb_reach_huge_pages_versus_4k() -> None:
+    """TLB reach: 32 MiB touched at random is 8192 4-KiB pages (beyond the 1536-entry STLB) but
+    only 16 2-MiB pages (within the 32-entry L1 DTLB for 2 MiB)."""
+    import random
+
+    m = Machine(cores=1, memory=96 << 20)
+    k = m.kernel
+    rng = random.Random(5)
+    offsets = [rng.randrange(32 << 20) & ~7 for _ in range(3000)]
+    walks = {}
+    for huge in (False, True):
+        p = k.spawn()
+        a = p.mmap(None, 32 << 20, "rw", huge=huge, populate=True)
+        core = m.cores[0]
+        for off in offsets[:200]:
+            p.read(a + off, 8)  # warm up
+        core.tlb.reset_stats()
+        for off in offsets:
+            p.read(a + off, 8)
+        walks[huge] = core.tlb.stats["walks"]
+    assert walks[True] == 0
+    assert walks[False] > 1500  # most random 4 KiB accesses miss both TLB levels
