@@ -38,7 +38,14 @@ from migrate.stats import LatencyRecorder
 
 ZERO_PAGE_HASH = digest.page_hashes(bytes(4096))[0]
 FAULT_AROUND = 8  # pages asked for beyond the faulting one; the source sends only unsent ones
-DEFAULT_PEER_TIMEOUT_S = 30.0
+DEFAULT_PEER_TIMEOUT_S = 10.0
+TICK_S = 0.25  # housekeeping period: liveness, retries, sweeps
+PING_AFTER_S = 1.0  # send a PING when nothing was sent for this long
+REQUEST_RETRY_S = 1.0  # a fault request unanswered this long is sent again (reply lost)
+SWEEP_IDLE_S = 1.0  # bulk quiet this long in post-copy with pages missing: ask for them
+SWEEP_PAGES = 256  # at most this many missing pages requested per sweep
+REPEAT_S = 1.0  # COMPLETE / REPORT repeated at this period until answered
+REPORT_REPEATS = 5
 
 
 @dataclass
@@ -76,6 +83,8 @@ class SessionReport:
     reference_digest: str = ""
     guest_ops: int = 0
     postcopy_s: float = 0.0
+    retries: int = 0  # fault requests sent again because no reply came
+    swept: int = 0  # missing pages asked for by the sweep
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -89,7 +98,8 @@ class SessionReport:
             "received_digest": self.received_digest, "source_digest": self.source_digest,
             "transfer_ok": self.transfer_ok, "digest": self.digest,
             "reference_digest": self.reference_digest, "guest_ops": self.guest_ops,
-            "postcopy_s": round(self.postcopy_s, 4),
+            "postcopy_s": round(self.postcopy_s, 4), "retries": self.retries,
+            "swept": self.swept,
         }
 
 
@@ -115,6 +125,12 @@ class DestSession:
         self.bulk_seq = 0
         self.guest_done: dict[str, Any] | None = None
         self.completed_sent = False
+        self.complete_at = 0.0
+        self.report_sent_at = 0.0
+        self.report_repeats = 0
+        self.finished = False
+        self.last_sent = time.monotonic()
+        self.push_done = False
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -315,6 +331,13 @@ class DestSession:
 
     def _send(self, sock: zmq.Socket, msg: protocol.Message) -> None:
         transport.send_frames(sock, self.conn.send(msg))
+        self.last_sent = time.monotonic()
+
+    def _request(self, index: int, req: int) -> None:
+        assert self.urgent is not None
+        transport.send_frames(self.urgent, self.conn.send_fast(
+            MsgType.REQUEST, req, index, self.opts.fault_around))
+        self.last_sent = time.monotonic()
 
     def _loop(self) -> None:
         assert self.fd is not None and self.guest is not None
@@ -325,34 +348,25 @@ class DestSession:
         poller.register(self.fd.fileno(), zmq.POLLIN)
         poller.register(self.guest.fileno(), zmq.POLLIN)
         urgent, bulk, uffd_fd, guest_fd = self.urgent, self.bulk, self.fd.fileno(), self.guest.fileno()
-        last_heard = time.monotonic()
-        timeout_s = self.opts.peer_timeout_s
-        while True:
-            ready = dict(poller.poll(250))
+        self.last_heard = time.monotonic()
+        last_bulk = self.last_heard
+        last_tick = 0.0
+        while not self.finished:
+            ready = dict(poller.poll(int(TICK_S * 1000)))
             now = time.monotonic()
-            if not ready:
-                if self.guest_done is not None and self.completed_sent and self.conn.finished:
-                    break
-                if now - last_heard > timeout_s and not self.conn.finished:
-                    raise MigrationError(self.report.phase,
-                                         f"no word from the source for {timeout_s:.0f} s")
-                if not self.guest.alive():
-                    raise MigrationError(self.report.phase, "the guest died")
-                continue
             if uffd_fd in ready:
                 self._on_faults()
             if urgent in ready:
-                last_heard = now
-                while True:
+                self.last_heard = now
+                while not self.finished:
                     try:
                         frames = transport.recv_frames(urgent, flags=zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     self.urgent_arrival_ns = time.monotonic_ns()
-                    if self._on_urgent(self.conn.receive(frames)):
-                        return
+                    self._on_urgent(self.conn.receive(frames))
             if bulk in ready:
-                last_heard = now
+                self.last_heard = last_bulk = now
                 # One bulk message per turn: a fault reply never waits behind more than one.
                 try:
                     frames = transport.recv_frames(bulk, flags=zmq.NOBLOCK)
@@ -364,8 +378,61 @@ class DestSession:
                 for msg in self.guest.poll_messages():
                     if msg["type"] == "done":
                         self.guest_done = msg
-                        if self._finish_if_done():
-                            return
+                        self._finish_if_done()
+            if now - last_tick >= TICK_S:
+                last_tick = now
+                self._tick(now, last_bulk)
+
+    def _tick(self, now: float, last_bulk: float) -> None:
+        """Housekeeping: liveness, lost replies, missing pages, repeated final messages."""
+        assert self.guest is not None and self.urgent is not None
+        timeout_s = self.opts.peer_timeout_s
+        if self.report_sent_at:
+            if now - self.report_sent_at >= REPEAT_S:
+                if self.report_repeats >= REPORT_REPEATS:
+                    self.finished = True  # the source got it or is gone; the report stands
+                    return
+                self.report_repeats += 1
+                self.report_sent_at = now
+                self._send(self.urgent, protocol.Report(self.report.as_dict()))
+            return
+        if not self.conn.finished and now - self.last_heard > timeout_s:
+            raise MigrationError(self.report.phase,
+                                 f"no word from the source for {timeout_s:.0f} s")
+        if not self.guest.alive():
+            raise MigrationError(self.report.phase, "the guest died")
+        if now - self.last_sent >= PING_AFTER_S and not self.conn.finished:
+            self._send(self.urgent, protocol.Ping(time.monotonic_ns()))
+        if self.report.phase == "postcopy":
+            retry_ns = int(REQUEST_RETRY_S * 1e9)
+            now_ns = time.monotonic_ns()
+            for index, (req, first_ns, sent_ns) in list(self.pending.items()):
+                if now_ns - sent_ns >= retry_ns:
+                    self.pending[index] = (req, first_ns, now_ns)
+                    self.report.retries += 1
+                    self._request(index, req)
+            if now - last_bulk >= SWEEP_IDLE_S and self.present_count < self.npages:
+                self._sweep_missing()
+        if self.completed_sent and not self.report.source_digest:
+            if now - self.complete_at >= REPEAT_S:
+                self._send_complete()
+
+    def _sweep_missing(self) -> None:
+        """Ask for pages nobody faulted on that have not arrived: pushes lost with a dropped
+        connection, or a PUSH_DONE that never came."""
+        present, pending = self.present, self.pending
+        asked = 0
+        index = present.find(0)
+        now_ns = time.monotonic_ns()
+        while 0 <= index and asked < SWEEP_PAGES:
+            if index not in pending:
+                req = self.next_request
+                self.next_request += 1
+                pending[index] = (req, now_ns, now_ns)
+                self.report.swept += 1
+                self._request(index, req)
+                asked += 1
+            index = present.find(0, index + 1 + self.opts.fault_around)
 
     def _on_faults(self) -> None:
         assert self.fd is not None and self.urgent is not None
@@ -384,13 +451,13 @@ class DestSession:
                 continue
             req = self.next_request
             self.next_request += 1
-            self.pending[index] = (req, time.monotonic_ns())
+            t_ns = time.monotonic_ns()
+            self.pending[index] = (req, t_ns, t_ns)
             self.report.faults += 1
-            transport.send_frames(self.urgent, self.conn.send_fast(
-                MsgType.REQUEST, req, index, self.opts.fault_around))
-            self.report.request_latency.record_ns(time.monotonic_ns() - self.pending[index][1])
+            self._request(index, req)
+            self.report.request_latency.record_ns(time.monotonic_ns() - t_ns)
 
-    def _on_urgent(self, msg: protocol.Message) -> bool:
+    def _on_urgent(self, msg: protocol.Message) -> None:
         t = msg.TYPE
         if t == MsgType.PAGES:
             assert isinstance(msg, protocol.Pages)
@@ -416,15 +483,19 @@ class DestSession:
             self._switchover(msg)
         elif t == MsgType.VERIFIED:
             assert isinstance(msg, protocol.Verified)
-            self.report.source_digest = msg.source_digest
-            self.report.transfer_ok = msg.match and msg.source_digest == self.report.received_digest
-            return self._finish_if_done()
+            if not self.report.source_digest:
+                self.report.source_digest = msg.source_digest
+                self.report.transfer_ok = (msg.match
+                                           and msg.source_digest == self.report.received_digest)
+                self._finish_if_done()
         elif t == MsgType.ERROR:
             assert isinstance(msg, protocol.Error)
             raise MigrationError(msg.phase, f"the source reported: {msg.message}")
         elif t == MsgType.BYE:
-            raise MigrationError(self.report.phase, "the source hung up")
-        return False
+            if self.report_sent_at:
+                self.finished = True
+            else:
+                raise MigrationError(self.report.phase, "the source hung up")
 
     def _on_bulk(self, msg: protocol.Message) -> None:
         assert self.bulk is not None
@@ -441,7 +512,10 @@ class DestSession:
         elif t == MsgType.PUSH_DONE:
             assert isinstance(msg, protocol.PushDone)
             self.bulk_seq = msg.seq
+            self.push_done = True
             self._maybe_complete()
+            if self.present_count < self.npages and self.report.phase == "postcopy":
+                self._sweep_missing()  # every page was sent once: what is missing was lost
 
     def _switchover(self, msg: protocol.Switchover) -> None:
         """Install everything sent before the pause, drop what was written since, resume."""
@@ -476,15 +550,21 @@ class DestSession:
         assert self.urgent is not None
         self.report.postcopy_s = time.monotonic() - self.postcopy_start
         self.report.received_digest = digest.digest_of_hashes(self.hashes)
-        self._send(self.urgent, protocol.Complete(self.npages, self.report.received_digest,
-                                                  self.hashes.tobytes()))
         self.completed_sent = True
         self.report.phase = "verify"
+        self._send_complete()
 
-    def _finish_if_done(self) -> bool:
-        """Once the transfer is verified and the guest has finished: final digests, REPORT."""
-        if self.guest_done is None or not self.report.source_digest:
-            return False
+    def _send_complete(self) -> None:
+        assert self.urgent is not None
+        self.complete_at = time.monotonic()
+        self._send(self.urgent, protocol.Complete(self.npages, self.report.received_digest,
+                                                  self.hashes.tobytes()))
+
+    def _finish_if_done(self) -> None:
+        """Once the transfer is verified and the guest has finished: final digests, REPORT
+        (repeated until the source says BYE, a few times at most)."""
+        if self.guest_done is None or not self.report.source_digest or self.report_sent_at:
+            return
         assert self.urgent is not None
         self.report.digest = self.guest_done["digest"]
         self.report.guest_ops = self.guest_done["ops"]
@@ -503,9 +583,8 @@ class DestSession:
         elif not reference_ok:
             self.report.error = "the guest's final region differs from the reference run's"
         self.report.phase = "done"
-        body = self.report.as_dict()
-        self._send(self.urgent, protocol.Report(body))
-        return True
+        self._send(self.urgent, protocol.Report(self.report.as_dict()))
+        self.report_sent_at = time.monotonic()
 
 
 class DestDaemon:

@@ -339,7 +339,15 @@ class GuestHandle:
         """The cause to report for ``exc``: a dead guest is named as such (the failing call
         is kept as detail), anything else is reported as it is."""
         cause = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, GuestError) or self.alive():
+        if isinstance(exc, GuestError):
+            return cause
+        if isinstance(exc, (ProcessLookupError, BrokenPipeError, ConnectionResetError)):
+            # The kernel already says the process (or its memory) is gone; let the exit finish.
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.alive():
             return cause
         return f"the {self.role} guest died ({self._death()}); {cause}"
 

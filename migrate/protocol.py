@@ -55,6 +55,7 @@ class MsgType(enum.IntEnum):
     ERROR = 13
     BYE = 14
     REPORT = 15
+    PING = 16
 
 
 class Batch(enum.IntEnum):
@@ -305,10 +306,20 @@ class Report(Message):
     _schema = {"body": ("report", None)}
 
 
+@dataclass(frozen=True)
+class Ping(Message):
+    """Either side (urgent), when it has sent nothing for a while: "I am alive". Lets a peer tell
+    a quiet migration from a dead one without waiting for TCP."""
+
+    TYPE = MsgType.PING
+    t_ns: int
+    _schema = {"t_ns": _u()}
+
+
 MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, Refuse, Pages, RoundEnd, Ack, Switchover, Resumed, Request,
-                PushDone, Complete, Verified, Error, Bye, Report)
+                PushDone, Complete, Verified, Error, Bye, Report, Ping)
 }
 
 
@@ -513,6 +524,10 @@ TRANSITIONS: dict[tuple[State, Side, MsgType], State] = {
     (State.COMPLETING, S, MsgType.PUSH_DONE): State.COMPLETING,
     (State.COMPLETING, D, MsgType.ACK): State.COMPLETING,
     (State.COMPLETING, S, MsgType.VERIFIED): State.DONE,
+    # Repeats after a lost message (a connection dropped and re-established): idempotent.
+    (State.COMPLETING, D, MsgType.COMPLETE): State.COMPLETING,
+    (State.DONE, D, MsgType.COMPLETE): State.DONE,
+    (State.DONE, S, MsgType.VERIFIED): State.DONE,
     (State.DONE, D, MsgType.REPORT): State.DONE,
     (State.DONE, S, MsgType.BYE): State.DONE,
     (State.DONE, D, MsgType.BYE): State.DONE,
@@ -521,6 +536,9 @@ for _state in _ANY_LIVE:
     for _side in Side:
         TRANSITIONS[(_state, _side, MsgType.ERROR)] = State.FAILED
         TRANSITIONS[(_state, _side, MsgType.BYE)] = State.FAILED
+for _state in (*_ANY_LIVE, State.DONE):
+    for _side in Side:
+        TRANSITIONS[(_state, _side, MsgType.PING)] = _state
 
 
 class Connection:

@@ -59,9 +59,11 @@ class SourceOptions:
     max_rounds: int = MAX_ROUNDS
     cpu: int | None = None
     keys: transport.CurveKeys | None = None
-    peer_timeout_s: float = 30.0
+    peer_timeout_s: float = 10.0
     progress: bool = True
     push: bool = True  # background push in post-copy (off: pure demand paging, for diagnosis)
+    on_failure: str = "resume"  # "resume": a guest the destination never ran finishes here
+    local_finish_timeout_s: float = 600.0
 
 
 class Progress:
@@ -105,6 +107,9 @@ class SourceMigration:
         self.conn = protocol.Connection(protocol.Side.SOURCE)
         self.seq = 0
         self.acked = 0
+        self.last_sent = time.monotonic()
+        self.paused = False  # the guest is stopped here for the switchover
+        self.dest_running = False  # the destination said RESUMED: its copy is the guest now
         self.bytes_sent = 0
         self.counts = {"precopy": 0, "final": 0, "pushed": 0, "demand": 0, "zero": 0}
         self.rounds: list[dict[str, int]] = []
@@ -121,15 +126,21 @@ class SourceMigration:
     def _send(self, sock: zmq.Socket, msg: protocol.Message) -> None:
         frames = self.conn.send(msg)
         transport.send_frames(sock, frames)
+        self.last_sent = time.monotonic()
         if isinstance(msg, protocol.Pages):
             self.bytes_sent += len(msg.data)
         self.bytes_sent += len(frames[0])
 
     def _recv(self, sock: zmq.Socket, timeout_s: float | None = None) -> protocol.Message:
+        """The next message on ``sock`` that is not a PING; a PING restarts the deadline."""
         timeout = self.opts.peer_timeout_s if timeout_s is None else timeout_s
-        if not sock.poll(int(timeout * 1000)):
-            raise MigrationError(self.phase, f"no answer from the destination in {timeout:.0f} s")
-        return self.conn.receive(transport.recv_frames(sock))
+        while True:
+            if not sock.poll(int(timeout * 1000)):
+                raise MigrationError(self.phase,
+                                     f"no answer from the destination in {timeout:.0f} s")
+            msg = self.conn.receive(transport.recv_frames(sock))
+            if msg.TYPE != MsgType.PING:
+                return msg
 
     def _read_pages(self, indexes: list[int] | range, present: bool | None = None
                     ) -> tuple[bytes, bytes]:
@@ -168,6 +179,7 @@ class SourceMigration:
         frames = self.conn.send_fast(MsgType.PAGES, self.seq, int(kind), request, round, packed,
                                      bytes(zero), data=data)
         transport.send_frames(sock, frames)
+        self.last_sent = time.monotonic()
         self.bytes_sent += len(data) + len(frames[0])
         self.counts["zero"] += zero.count(1)
         for i in indexes:
@@ -203,7 +215,9 @@ class SourceMigration:
             self.phase = "verify"
             return self._verify(clock)
         except (MigrateError, OSError, zmq.ZMQError) as exc:
-            return self._failed(exc)
+            report = self._failed(exc)
+            report["guest_at_source"] = self._recover_at_source()
+            return report
         finally:
             self.progress.done()
             self._cleanup()
@@ -350,6 +364,7 @@ class SourceMigration:
                 discard = array("I")
             else:
                 discard = array("I", final)
+        self.paused = True
         self.switchover_ns = t_pause
         msg = protocol.Switchover(self.seq, discard.tobytes(), self.paused_ops,
                                   time.monotonic_ns() - t_pause)
@@ -359,6 +374,7 @@ class SourceMigration:
         if isinstance(reply, protocol.Error):
             raise MigrationError(reply.phase, f"the destination reported: {reply.message}")
         assert isinstance(reply, protocol.Resumed)
+        self.dest_running = True
         self.downtime_ns = time.monotonic_ns() - t_pause
         self.resume_ns = reply.resume_ns
         self.switch_clock = Stopwatch()
@@ -397,6 +413,8 @@ class SourceMigration:
                         self.complete = msg
                         self.total_ns = time.monotonic_ns() - self.migration_clock.start_ns
                         return
+                    elif msg.TYPE == MsgType.PING:
+                        pass
                     elif isinstance(msg, protocol.Error):
                         raise MigrationError(msg.phase, f"the destination reported: {msg.message}")
                     else:
@@ -411,10 +429,13 @@ class SourceMigration:
                     self._handle_bulk(self.conn.receive(frames))
             if can_push and self.urgent not in ready:
                 cursor = self._push_from(cursor)
-            elif not ready and now - last_heard > self.opts.peer_timeout_s:
-                raise MigrationError("postcopy",
-                                     f"no word from the destination for "
-                                     f"{self.opts.peer_timeout_s:.0f} s")
+            elif not ready:
+                if now - last_heard > self.opts.peer_timeout_s:
+                    raise MigrationError("postcopy",
+                                         f"no word from the destination for "
+                                         f"{self.opts.peer_timeout_s:.0f} s")
+                if now - self.last_sent >= 1.0:
+                    self._send(self.urgent, protocol.Ping(time.monotonic_ns()))
             self.progress.update("postcopy", f"{n - valid.count(0):,}/{n:,} pages at the "
                                  f"destination, {self.requests:,} faults served")
 
@@ -459,14 +480,18 @@ class SourceMigration:
         match = (source_digest == self.complete.received_digest
                  and digest.digest_of_hashes(received) == self.complete.received_digest)
         self.mismatched = [] if match else digest.diff_pages(source_hashes, received)
-        self._send(self.urgent, protocol.Verified(source_digest, match))
-        # The destination's guest now finishes its workload; wait for its report.
+        verified = protocol.Verified(source_digest, match)
+        self._send(self.urgent, verified)
+        # The destination's guest now finishes its workload (it PINGs meanwhile); its REPORT
+        # ends the migration. A repeated COMPLETE means our VERIFIED was lost: send it again.
         while True:
-            msg = self._recv(self.urgent, timeout_s=max(600.0, self.opts.peer_timeout_s))
+            msg = self._recv(self.urgent)
             if isinstance(msg, protocol.Report):
                 self.dest_report = msg.body
                 break
-            if isinstance(msg, protocol.Error):
+            if isinstance(msg, protocol.Complete):
+                self._send(self.urgent, verified)
+            elif isinstance(msg, protocol.Error):
                 raise MigrationError(msg.phase, f"the destination reported: {msg.message}")
         self._send(self.urgent, protocol.Bye("done"))
         return self._report(source_digest, match)
@@ -549,6 +574,33 @@ class SourceMigration:
                 pass
         return {"ok": False, "phase": phase, "error": cause, "mode": self.opts.mode,
                 "workload": self.opts.workload, "memory_bytes": self.opts.memory}
+
+    def _recover_at_source(self) -> dict[str, Any] | None:
+        """The destination never ran the guest, so the copy here is still the guest: continue
+        it where it was (SIGCONT + resume if paused) and, with on_failure="resume", let it finish
+        and check it against the reference run. Returns what happened, or None if nothing could
+        be done (the guest is dead, or the destination already runs it)."""
+        g = self.guest
+        if g is None or self.dest_running or not g.alive():
+            return None
+        try:
+            if self.paused:
+                g.resume_here()
+                self.paused = False
+            outcome: dict[str, Any] = {"resumed": True, "finished": False}
+            print("[source] the guest continues here, unchanged", file=sys.stderr, flush=True)
+            if self.opts.on_failure != "resume":
+                return outcome
+            done = self.guest_finished or g.receive(timeout=self.opts.local_finish_timeout_s)
+            if done.get("type") != "done":
+                return outcome | {"error": f"guest sent {done.get('type')}"}
+            o = self.opts
+            reference = workloads.reference_digest(o.workload, self.npages * self.page,
+                                                   seed=o.seed, ops=self.total_ops)
+            return outcome | {"finished": True, "digest": done["digest"],
+                              "reference_digest": reference, "ok": done["digest"] == reference}
+        except (MigrateError, OSError) as exc:
+            return {"resumed": False, "error": f"{type(exc).__name__}: {exc}"}
 
     def _cleanup(self) -> None:
         if self.guest is not None:

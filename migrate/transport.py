@@ -15,6 +15,7 @@ allocate without bound; the protocol layer validates what remains.
 from __future__ import annotations
 
 import os
+import time
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,9 +24,12 @@ from typing import Any
 import zmq
 
 from migrate import protocol
+from migrate.errors import MigrationError
 
 MAX_MESSAGE_BYTES = protocol.MAX_HEADER_BYTES + protocol.MAX_PAGES_PER_BATCH * 4096 + 4096
 HIGH_WATER_MARK = 1000
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,52 @@ class CurveKeys:
     server_public: bytes | None = None  # for a client: the key it expects the server to hold
 
 
-def make_context(io_cpu: int | None = None) -> zmq.Context:
+class InsecureEndpointError(ValueError):
+    """A daemon asked to listen on or connect to a non-loopback endpoint without CURVE keys."""
+
+
+class Context(zmq.Context):
+    """A zmq.Context that may carry a CURVE ``Gatekeeper`` (ZAP authenticator and handshake
+    monitor threads, started by ``listen`` when keys are given) and stops it before ``term``,
+    which would otherwise wait forever for the gatekeeper's own sockets."""
+
+    _gatekeeper: Any = None
+
+    def term(self) -> None:
+        gate, self._gatekeeper = self._gatekeeper, None
+        if gate is not None:
+            gate.stop()
+        super().term()
+
+
+def require_keys_off_loopback(endpoint: str, keys: CurveKeys | None, action: str) -> None:
+    """Refuse to ``action`` (listen on / connect to) anything but loopback without CURVE keys."""
+    if keys is None and not is_loopback(endpoint):
+        raise InsecureEndpointError(
+            f"refusing to {action} {endpoint} without CURVE keys: only loopback may go "
+            f"unauthenticated. Make key pairs with `migrate keygen NAME` and give the destination "
+            f"--key DEST.key --allow SOURCE.key_public, the source --key SOURCE.key --server-key "
+            f"DEST.key_public")
+
+
+def peer_key(frame: Any) -> bytes | None:
+    """The z85 CURVE public key of the peer that sent ``frame`` (a zmq.Frame received with
+    copy=False), as the ZAP handler recorded it in the User-Id property; None without CURVE."""
+    try:
+        user = frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        return None
+    if isinstance(user, bytes):
+        user = user.decode("ascii", "replace")
+    if not isinstance(user, str) or len(user) != 40:
+        return None
+    return user.encode()
+
+
+def make_context(io_cpu: int | None = None) -> Context:
     """A context with one I/O thread, optionally pinned to ``io_cpu`` (same CPU as the daemon's
     main thread saves a cross-CPU wake-up per message on a small machine)."""
-    ctx = zmq.Context(io_threads=1)
+    ctx = Context(io_threads=1)
     if io_cpu is not None and hasattr(zmq, "THREAD_AFFINITY_CPU_ADD"):
         try:
             ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, io_cpu)
@@ -59,6 +105,12 @@ def _tune(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 2)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    # ZMTP heartbeats: a connection whose peer stops answering is dropped after a few seconds and
+    # re-established when the link returns (TCP alone may wait minutes). Messages lost with the old
+    # connection are recovered by the protocol (re-requests, the missing-page sweep).
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
 
 
 def _apply_curve_server(sock: zmq.Socket, keys: CurveKeys | None) -> None:
@@ -90,33 +142,96 @@ def is_loopback(endpoint: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def listen(ctx: zmq.Context, endpoint: str, keys: CurveKeys | None = None) -> zmq.Socket:
-    """The destination's ROUTER for HELLOs."""
+def listen(ctx: zmq.Context, endpoint: str, keys: CurveKeys | None = None, *,
+           allowed: Any = None, log: Any = None) -> zmq.Socket:
+    """The destination's ROUTER for HELLOs. With ``keys``, a ``Gatekeeper`` on ``ctx`` (a
+    ``transport.Context``) admits only the client public keys in ``allowed`` (z85) and logs
+    every refusal through ``log``. Without keys only a loopback endpoint is accepted."""
+    require_keys_off_loopback(endpoint, keys, "listen on")
     sock = ctx.socket(zmq.ROUTER)
     _tune(sock)
+    if keys is not None:
+        if not allowed:
+            sock.close(linger=0)
+            raise ValueError("a CURVE destination needs the public keys of the sources it "
+                             "accepts (--allow)")
+        if not isinstance(ctx, Context):
+            sock.close(linger=0)
+            raise TypeError("CURVE needs a context from transport.make_context()")
+        from migrate.keys import Gatekeeper
+
+        if ctx._gatekeeper is None:
+            gate = Gatekeeper(ctx, allowed, log)
+            gate.start()
+            ctx._gatekeeper = gate
+        ctx._gatekeeper.listen_domain(sock)
     _apply_curve_server(sock, keys)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.bind(endpoint)
     return sock
 
 
-def bind_channel(ctx: zmq.Context, host: str, keys: CurveKeys | None = None) -> tuple[zmq.Socket, str]:
-    """A per-session DEALER bound to an ephemeral port on ``host``; returns it and its endpoint."""
+def bind_channel(ctx: zmq.Context, host: str, keys: CurveKeys | None = None, *,
+                 peer: bytes | None = None) -> tuple[zmq.Socket, str]:
+    """A per-session DEALER bound to an ephemeral port on ``host``; returns it and its endpoint.
+    With ``keys``, only the CURVE client ``peer`` (the key that sent the session's HELLO, see
+    ``peer_key``) may connect, so another client cannot join a migration's channels."""
     sock = ctx.socket(zmq.DEALER)
     _tune(sock)
+    gate = getattr(ctx, "_gatekeeper", None)
+    if keys is not None and gate is not None:
+        gate.pin_session(sock, peer)
     _apply_curve_server(sock, keys)
     wildcard = f"tcp://{host}" if ":" not in host else f"tcp://[{host}]"
     port = sock.bind_to_random_port(wildcard)
     return sock, f"{wildcard}:{port}"
 
 
-def connect(ctx: zmq.Context, endpoint: str, keys: CurveKeys | None = None) -> zmq.Socket:
-    """A source-side DEALER connected to ``endpoint``."""
+def connect(ctx: zmq.Context, endpoint: str, keys: CurveKeys | None = None, *,
+            handshake_timeout: float | None = None) -> zmq.Socket:
+    """A source-side DEALER connected to ``endpoint`` (loopback only, unless ``keys``). With
+    ``keys`` and ``handshake_timeout``, wait for the CURVE handshake and raise a MigrationError
+    naming the cause when the destination refuses our key or does not hold ``server_public``'s
+    secret (otherwise such failures look like a silent peer)."""
+    require_keys_off_loopback(endpoint, keys, "connect to")
     sock = ctx.socket(zmq.DEALER)
     _tune(sock)
     _apply_curve_client(sock, keys)
-    sock.connect(endpoint)
+    if keys is None or handshake_timeout is None:
+        sock.connect(endpoint)
+        return sock
+    monitor = sock.get_monitor_socket(
+        zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    try:
+        sock.connect(endpoint)
+        problem = _await_handshake(monitor, handshake_timeout)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+    if problem is not None:
+        sock.close(linger=0)
+        raise MigrationError("handshake", f"CURVE handshake with {endpoint} failed: {problem}")
     return sock
+
+
+def _await_handshake(monitor: zmq.Socket, timeout_s: float) -> str | None:
+    from zmq.utils.monitor import recv_monitor_message
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not monitor.poll(int(left * 1000) + 1):
+            return f"no handshake completed in {timeout_s:.0f} s (is the destination running?)"
+        event = recv_monitor_message(monitor)
+        kind = event["event"]
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return None
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"the destination refused our public key (ZAP status {event['value']}): "
+                    f"it is not on the destination's --allow list")
+        return ("the destination does not hold the secret key of --server-key (or does not use "
+                "CURVE)")
 
 
 def send_frames(sock: zmq.Socket, frames: Sequence[Any], *, flags: int = 0) -> None:

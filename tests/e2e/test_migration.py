@@ -202,9 +202,16 @@ def test_migration_across_network_namespaces() -> None:
             ip("-n", ns, "link", "set", dev, "up")
             ip("-n", ns, "link", "set", "lo", "up")
         ready = f"/tmp/migrate-netns-{tag}.endpoint"
+        keydir = f"/tmp/migrate-netns-{tag}.keys"
+        # Off loopback the daemons refuse to run unauthenticated: CURVE keys for both.
+        for name in ("src", "dst"):
+            subprocess.run([sys.executable, "-m", "migrate", "keygen", name, "--dir", keydir],
+                           check=True, capture_output=True)
         d = subprocess.Popen(["ip", "netns", "exec", ns_dst, sys.executable, "-m", "migrate",
                               "dest", "--listen", "tcp://10.231.0.2:*", "--count", "1",
-                              "--ready-file", ready, "--quiet"])
+                              "--ready-file", ready, "--quiet",
+                              "--key", f"{keydir}/dst.key",
+                              "--allow", f"{keydir}/src.key_public"])
         try:
             deadline = time.monotonic() + 30
             while not os.path.exists(ready):
@@ -215,7 +222,8 @@ def test_migration_across_network_namespaces() -> None:
             out = subprocess.run(["ip", "netns", "exec", ns_src, sys.executable, "-m",
                                   "migrate", "source", "--to", endpoint, "--workload", "kv",
                                   "--memory", "32M", "--mode", "hybrid", "--after", "0.3",
-                                  "--json", "--quiet"],
+                                  "--json", "--quiet", "--key", f"{keydir}/src.key",
+                                  "--server-key", f"{keydir}/dst.key_public"],
                                  capture_output=True, text=True, timeout=300, check=False)
             import json
 
@@ -227,6 +235,7 @@ def test_migration_across_network_namespaces() -> None:
                 d.kill()
             if os.path.exists(ready):
                 os.unlink(ready)
+            shutil.rmtree(keydir, ignore_errors=True)
     finally:
         subprocess.run(["ip", "netns", "del", ns_src], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", ns_dst], capture_output=True, check=False)
