@@ -165,8 +165,11 @@ class DestSession:
         self.present = bytearray(self.npages)
         self.hashes = array("Q", bytes(8 * self.npages))
         host = transport.host_of(self.opts.listen)
-        self.urgent, urgent_ep = transport.bind_channel(self.daemon.ctx, host, self.opts.keys)
-        self.bulk, bulk_ep = transport.bind_channel(self.daemon.ctx, host, self.opts.keys)
+        client = transport.peer_key(self.hello_frames[0])  # only the HELLO's sender may join
+        self.urgent, urgent_ep = transport.bind_channel(self.daemon.ctx, host, self.opts.keys,
+                                                        peer=client)
+        self.bulk, bulk_ep = transport.bind_channel(self.daemon.ctx, host, self.opts.keys,
+                                                    peer=client)
         welcome = protocol.Welcome(protocol.PROTOCOL_VERSION, hello.session, urgent_ep, bulk_ep,
                                    protocol.negotiate_features(hello.features))
         self.daemon.reply(self.router_id, self.conn.send(welcome))
@@ -595,7 +598,8 @@ class DestDaemon:
         if opts.cpu is not None:
             os.sched_setaffinity(0, {opts.cpu})
         self.ctx = transport.make_context(opts.cpu)
-        self.router = transport.listen(self.ctx, opts.listen, opts.keys)
+        self.router = transport.listen(self.ctx, opts.listen, opts.keys,
+                                       allowed=opts.allowed_clients, log=self.log)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._reply_lock = threading.Lock()
         self._stop = threading.Event()
@@ -660,12 +664,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-file", default=None,
                         help="write the bound endpoint to this file once listening")
     parser.add_argument("--quiet", action="store_true", help="no log lines on stderr")
+    parser.add_argument("--key", default=None,
+                        help="this daemon's CURVE secret key file (NAME.key from migrate keygen); "
+                             "required unless --listen is on loopback")
+    parser.add_argument("--allow", action="append", default=[], metavar="PUBKEY",
+                        help="a source public key allowed to connect: a .key_public file, a "
+                             "directory of them, or a z85 key (repeatable; needed with --key)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from migrate import keys as keyfiles
+
+    try:
+        curve, allowed = None, None
+        if args.key is not None:
+            pair = keyfiles.load_secret(args.key)
+            curve = transport.CurveKeys(pair.public, pair.secret)
+            allowed = sorted(keyfiles.load_allowed(args.allow))
+        elif args.allow:
+            raise keyfiles.KeyFileError("--allow needs --key (this daemon's own key pair)")
+        transport.require_keys_off_loopback(args.listen, curve, "listen on")
+    except (keyfiles.KeyFileError, ValueError) as exc:
+        print(f"migrate dest: {exc}", file=sys.stderr)
+        return 2
     opts = DestOptions(listen=args.listen, cpu=args.cpu, max_migrations=args.count,
                        verify_reference=not args.no_reference, json_reports=args.json,
-                       quiet=args.quiet)
+                       quiet=args.quiet, keys=curve, allowed_clients=allowed)
     daemon = DestDaemon(opts)
     if args.ready_file:
         tmp = args.ready_file + ".tmp"

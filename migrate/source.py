@@ -252,7 +252,7 @@ class SourceMigration:
         o = self.opts
         self.phase = "handshake"
         self.ctx = transport.make_context(o.cpu)
-        control = transport.connect(self.ctx, o.to, o.keys)
+        control = transport.connect(self.ctx, o.to, o.keys, handshake_timeout=o.peer_timeout_s)
         self.sockets.append(control)
         size = self.npages * self.page
         hello = protocol.Hello(
@@ -632,14 +632,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--no-push", action="store_true",
                         help="post-copy by demand faults only, no background push")
+    parser.add_argument("--key", default=None,
+                        help="this daemon's CURVE secret key file (NAME.key from migrate keygen); "
+                             "required unless --to is on loopback")
+    parser.add_argument("--server-key", default=None, metavar="PUBKEY",
+                        help="the destination's public key (.key_public file or z85 text); the "
+                             "handshake fails unless the destination holds its secret")
 
 
 def run(args: argparse.Namespace) -> int:
+    from migrate import keys as keyfiles
+
+    try:
+        curve = None
+        if args.key is not None or args.server_key is not None:
+            if args.key is None or args.server_key is None:
+                raise keyfiles.KeyFileError("CURVE needs both --key and --server-key")
+            pair = keyfiles.load_secret(args.key)
+            curve = transport.CurveKeys(pair.public, pair.secret,
+                                        keyfiles.load_public(args.server_key))
+        transport.require_keys_off_loopback(args.to, curve, "connect to")
+    except (keyfiles.KeyFileError, ValueError) as exc:
+        print(f"migrate source: {exc}", file=sys.stderr)
+        return 2
     opts = SourceOptions(to=args.to, workload=args.workload,
                          memory=workloads.parse_size(args.memory), seed=args.seed, ops=args.ops,
                          mode=args.mode, after_s=args.after, backing=args.backing,
                          max_rounds=args.rounds, cpu=args.cpu, progress=not args.quiet,
-                         push=not args.no_push)
+                         push=not args.no_push, keys=curve)
     report = SourceMigration(opts).run()
     if args.json:
         print(json.dumps(report, indent=2))
