@@ -249,6 +249,7 @@ class Core:
                bool(self._cr4_smap), bool(self._cr4_pke), bool(self._ac),
                self._pkru if self._cr4_pke else 0)
         self._perm, self._perm_implicit = _permission_tables(key)
+        self._perm_data = {0: self._perm[0], 1: self._perm[1]}
         nxe = bool(self._efer_nxe)
         m = self.maxphyaddr
         self._rsvd = [(0, 0)] + [(reserved_mask(lv, False, m, nxe), reserved_mask(lv, True, m, nxe))
@@ -387,7 +388,8 @@ class Core:
         ``PageFault`` (or ``GeneralProtection`` for a non-canonical address, SDM 6.15)."""
         if (vaddr >> self._canon_shift) not in (0, self._canon_hi):
             self._noncanonical(vaddr)
-        if access == 2 or implicit_supervisor:  # fetches and implicit accesses: general path
+        perm = self._perm_data.get(access)  # None for fetches (and for a bad ``access``)
+        if perm is None or implicit_supervisor:  # fetches and implicit accesses: general path
             return self._translate_slow(vaddr, access, implicit_supervisor)
         # Data access: probe the L1 DTLB for a 4 KiB entry of this PCID, then a global one.
         vpn = vaddr >> 12
@@ -398,7 +400,7 @@ class Core:
             key = (vpn << 15) | 0x1000
             value = s.get(key)
         # Table value 0: allowed; >0: fault; NEEDS_DIRTY: a write through a clean entry.
-        if value is not None and not self._perm[access][value & 0xFF]:
+        if value is not None and not perm[value & 0xFF]:
             del s[key]  # LRU
             s[key] = value
             self._l1_stats.hits += 1
@@ -412,6 +414,8 @@ class Core:
         raise GeneralProtection(f"non-canonical address {vaddr:#x}")
 
     def _translate_slow(self, vaddr: int, access: int, implicit: bool) -> int:
+        if access not in (0, 1, 2):
+            raise ValueError(f"access must be Access.READ, WRITE or FETCH, got {access!r}")
         if self.page_table is None:
             raise GeneralProtection("no page table loaded (CR3)")
         fetch = access == Access.FETCH

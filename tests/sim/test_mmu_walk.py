@@ -301,3 +301,9 @@ def test_user_fetch_fault_error_code() -> None:
     with pytest.raises(PageFault) as info:
         core.translate(VA, Access.FETCH)
     assert info.value.error_code == PF_P | PF_US | PF_ID
+
+
+def test_bad_access_kind_is_a_clear_error() -> None:
+    _m, _pt, core, _ = setup()
+    with pytest.raises(ValueError, match="access must be"):
+        core.translate(VA, 7)
