@@ -451,6 +451,8 @@ class Core:
             self._noncanonical(vaddr)
         if self.page_table is None:
             raise GeneralProtection("no page table loaded (CR3)")
+        if access not in (0, 1, 2):
+            raise ValueError(f"access must be Access.READ, WRITE or FETCH, got {access!r}")
         return self._walk(vaddr, access, implicit_supervisor, False)
 
     def _fault(self, vaddr: int, code: int, reason: str) -> None:
