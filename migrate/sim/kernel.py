@@ -553,7 +553,7 @@ class Kernel:
         self.rmap: dict[int, set[tuple[int, int]]] = {}
         self.stats = {"ipis": 0, "shootdowns": 0, "invlpg": 0, "full_flushes": 0,
                       "lazy_skips": 0, "skipped_remote": 0, "faults": 0, "cow_copies": 0,
-                      "pages_transferred": 0, "bytes_copied_for_transfer": 0}
+                      "pages_transferred": 0}
         for core in machine.cores:
             with core.supervisor():
                 core.cr4_pcide = cfg.pcide
