@@ -28,6 +28,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import zmq
 
 from migrate import digest, memory, protocol, transport, uffd
@@ -629,6 +630,8 @@ class DestDaemon:
                 with self._reply_lock:
                     frames = self.router.recv_multipart(copy=False)
                 router_id = frames[0].bytes
+                if not self._admissible(router_id, frames[1:]):
+                    continue  # malformed, replayed or too big: not a migration, not counted
                 session = DestSession(self, router_id, frames[1:])
                 thread = threading.Thread(target=self._run_session, args=(session,),
                                           name="dest-session", daemon=True)
@@ -641,6 +644,43 @@ class DestDaemon:
             self.router.close(linger=0)
             self.ctx.term()
         return self.reports
+
+    def _admissible(self, router_id: bytes, frames: list[Any]) -> bool:
+        """Only a valid first HELLO with a new session id starts a session. Anything else on the
+        listen port (garbage, a replayed HELLO, a region larger than this host's memory) is
+        dropped here with a rate-limited log line, so a flood neither spawns threads and guests
+        nor counts towards --count. Garbage gets no answer: replying to a peer that never reads
+        would block this loop once its queue is full."""
+        from migrate import keys as keyfiles
+
+        if not hasattr(self, "_seen_sessions"):
+            self._seen_sessions: dict[bytes, None] = {}
+            self._drop_log = keyfiles.RateLimitedLog(self.log)
+        try:
+            hello = protocol.Connection(protocol.Side.DEST).receive(frames)
+        except ProtocolError as exc:
+            self._drop_log(f"dropped a message on the listen port: {exc}")
+            return False
+        assert isinstance(hello, protocol.Hello)
+        if hello.session in self._seen_sessions:
+            self._drop_log(f"dropped a replayed HELLO of session {hello.session.hex()}")
+            return False
+        self._seen_sessions[hello.session] = None
+        if len(self._seen_sessions) > 4096:  # bounded: forget the oldest
+            del self._seen_sessions[next(iter(self._seen_sessions))]
+        size = hello.npages * hello.page_size
+        if size > psutil.virtual_memory().total:
+            reason = f"a region of {size} bytes is larger than this host's memory"
+            self._drop_log(f"refused migration: {reason}")
+            try:
+                with self._reply_lock:
+                    self.router.send_multipart(
+                        [router_id, *protocol.encode(protocol.Refuse(hello.session, reason))],
+                        flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the peer is gone or not reading: it gets no answer
+            return False
+        return True
 
     def _run_session(self, session: DestSession) -> None:
         report = session.run().as_dict()

@@ -180,7 +180,9 @@ def load_allowed(specs: Iterable[str | os.PathLike[str]]) -> frozenset[bytes]:
 # The gatekeeper: ZAP authentication with per-socket allow-lists, and logged refusals
 
 
-class _RateLimitedLog:
+class RateLimitedLog:
+    """Passes at most LOG_LINES_PER_WINDOW lines per LOG_WINDOW_S to ``log``, then counts."""
+
     def __init__(self, log: Callable[[str], None]) -> None:
         self.log = log
         self.lock = threading.Lock()
@@ -228,7 +230,7 @@ class Gatekeeper:
         if not self.allowed:
             raise KeyFileError("a CURVE server needs at least one allowed client key")
         self.ctx = ctx
-        self._log = _RateLimitedLog(log or _stderr_log)
+        self._log = RateLimitedLog(log or _stderr_log)
         self.refusals: deque[str] = deque(maxlen=1000)
         self.refusal_count = 0
         self._domains: dict[str, frozenset[bytes]] = {LISTEN_DOMAIN: self.allowed}
