@@ -359,7 +359,7 @@ static inline uint64_t wl_perm_fwd(const struct wl_perm *p, uint64_t x)
 static inline uint64_t wl_perm_inv(const struct wl_perm *p, uint64_t x)
 {
     do {
-        unsigned a = p->lbits, b = p->rbits; /* widths after round 3 equal those before round 0 */
+        unsigned b = p->rbits; /* the widths after round 3 equal those before round 0 */
         uint64_t l = x >> b, r = wl_low_bits(x, b);
         for (int k = 3; k >= 0; k--) {
             /* before round k the left half had width (k even ? lbits : rbits) */
@@ -369,7 +369,6 @@ static inline uint64_t wl_perm_inv(const struct wl_perm *p, uint64_t x)
             l = prev_l;
             r = prev_r;
         }
-        (void)a;
         x = (l << b) | r;
     } while (x >= p->n);
     return x;
@@ -405,7 +404,7 @@ static int wl_kind_valid(uint64_t kind)
 }
 
 /* Fills the immutable parameters for (kind, size); returns init_total. */
-static uint64_t wl_layout(int kind, uint64_t size, uint64_t seed, uint64_t param[6])
+static uint64_t wl_layout(int kind, uint64_t size, uint64_t param[6])
 {
     uint64_t data = size - WL_CONTROL_SIZE;
     memset(param, 0, 6 * sizeof(uint64_t));
@@ -449,7 +448,7 @@ uint64_t wl_init_steps(int kind, uint64_t size)
     uint64_t param[6];
     if (!wl_kind_valid((uint64_t)kind) || size < WL_MIN_SIZE)
         return 0;
-    return wl_layout(kind, size, 0, param);
+    return wl_layout(kind, size, param);
 }
 
 int wl_init(uint8_t *base, uint64_t size, int kind, uint64_t seed, uint64_t total_ops)
@@ -465,7 +464,7 @@ int wl_init(uint8_t *base, uint64_t size, int kind, uint64_t seed, uint64_t tota
     n.size = size;
     n.seed = seed;
     n.total_ops = total_ops;
-    n.init_total = wl_layout(kind, size, seed, n.param);
+    n.init_total = wl_layout(kind, size, n.param);
     n.header_check = wl_header_hash(&n);
     n.phase = n.init_total ? WL_PHASE_INIT : (total_ops ? WL_PHASE_RUN : WL_PHASE_DONE);
     /* Seed xoshiro from splitmix64 of (seed, kind) so kinds sharing a seed do not share a stream. */
@@ -497,7 +496,7 @@ static int wl_check(const struct wl_control *c, uint64_t size)
     if (c->size < WL_MIN_SIZE || c->size % WL_PAGE_SIZE != 0)
         return WL_EHEADER;
     uint64_t param[6];
-    uint64_t init_total = wl_layout((int)c->kind, c->size, c->seed, param);
+    uint64_t init_total = wl_layout((int)c->kind, c->size, param);
     if (init_total != c->init_total || memcmp(param, c->param, sizeof param) != 0)
         return WL_EHEADER;
     if (c->state_check != wl_state_hash(c))
