@@ -18,6 +18,7 @@ import contextlib
 import enum
 import errno
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Self
@@ -248,9 +249,12 @@ class Userfaultfd:
         self.api_ioctls = ioctls
         self.via = via
         self.nonblock = nonblock
-        self._events = ffi.new("struct mig_uffd_event[]", _MAX_BATCH)
-        self._out64 = ffi.new("int64_t *")
-        self._outu64 = ffi.new("uint64_t *")
+        # Per-thread scratch: the C calls run without the GIL, so two threads using one handle
+        # (a fault thread and a bulk-install thread) must not share result buffers.
+        self._tls = threading.local()
+        # Allocated now for the creating thread: allocating later, while another thread sits in
+        # a glibc fork() waiting for its EVENT_FORK to be read, could block on malloc's locks.
+        self._tls.events = ffi.new("struct mig_uffd_event[]", _MAX_BATCH)
         # (start, end, mode) of what this handle registered, to reject ranges outside it early.
         self._registered: list[tuple[int, int, RegisterMode]] = []
 
@@ -385,7 +389,7 @@ class Userfaultfd:
         """UFFDIO_REGISTER; returns the ioctls the kernel allows on the range."""
         mode = _parse_mode(mode)
         self._aligned(addr, length, "register")
-        ioctls = self._outu64
+        ioctls = ffi.new("uint64_t *")
         check(lib.mig_uffd_register(self.fileno(), addr, length, int(mode), ioctls),
               f"ioctl(UFFDIO_REGISTER {mode!s} {addr:#x}+{length:#x})")
         self._registered.append((addr, addr + length, mode))
@@ -450,7 +454,7 @@ class Userfaultfd:
         self._check_inside(dst, length, "copy")
         mode = (lib.UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0) | (
             lib.UFFDIO_COPY_MODE_WP if wp else 0)
-        copied = self._out64
+        copied = ffi.new("int64_t *")
         ret = lib.mig_uffd_copy(self._fd, dst, src_addr, length, mode, copied)
         if ret < 0:
             done = int(copied[0])
@@ -463,7 +467,7 @@ class Userfaultfd:
     def zeropage(self, addr: int, length: int, *, dontwake: bool = False) -> int:
         self._aligned(addr, length, "zeropage")
         self._check_inside(addr, length, "zeropage")
-        done = self._out64
+        done = ffi.new("int64_t *")
         ret = lib.mig_uffd_zeropage(self.fileno(), addr, length,
                                     lib.UFFDIO_ZEROPAGE_MODE_DONTWAKE if dontwake else 0, done)
         return self._result(ret, int(done[0]), f"ioctl(UFFDIO_ZEROPAGE {addr:#x}+{length:#x})")
@@ -483,7 +487,7 @@ class Userfaultfd:
         self._check_inside(addr, length, "continue")
         mode = (lib.UFFDIO_CONTINUE_MODE_DONTWAKE if dontwake else 0) | (
             lib.UFFDIO_CONTINUE_MODE_WP if wp else 0)
-        done = self._out64
+        done = ffi.new("int64_t *")
         ret = lib.mig_uffd_continue(self.fileno(), addr, length, mode, done)
         return self._result(ret, int(done[0]), f"ioctl(UFFDIO_CONTINUE {addr:#x}+{length:#x})")
 
@@ -491,7 +495,7 @@ class Userfaultfd:
         """UFFDIO_POISON: later accesses get SIGBUS (as for a hardware memory error)."""
         self._aligned(addr, length, "poison")
         self._check_inside(addr, length, "poison")
-        done = self._out64
+        done = ffi.new("int64_t *")
         ret = lib.mig_uffd_poison(self.fileno(), addr, length,
                                   lib.UFFDIO_POISON_MODE_DONTWAKE if dontwake else 0, done)
         return self._result(ret, int(done[0]), f"ioctl(UFFDIO_POISON {addr:#x}+{length:#x})")
@@ -504,7 +508,7 @@ class Userfaultfd:
         self._check_inside(dst, length, "move")
         mode = (lib.UFFDIO_MOVE_MODE_DONTWAKE if dontwake else 0) | (
             lib.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0)
-        done = self._out64
+        done = ffi.new("int64_t *")
         ret = lib.mig_uffd_move(self.fileno(), dst, src, length, mode, done)
         return self._result(ret, int(done[0]), f"ioctl(UFFDIO_MOVE {src:#x}->{dst:#x}+{length:#x})")
 
@@ -530,7 +534,7 @@ class Userfaultfd:
             raise ValueError(f"source buffer of {len(buf)} bytes holds fewer than {n} pages")
         for a in (arr[0], arr[n - 1]) if n else ():
             self._aligned(int(a), page_size, "copy_pages", page_size)
-        installed = self._outu64
+        installed = ffi.new("uint64_t *")
         ret = lib.mig_uffd_copy_pages(self.fileno(), arr, n, buf, page_size, 1 if wake else 0,
                                       installed)
         check(ret, f"ioctl(UFFDIO_COPY batch of {n}, {int(installed[0])} installed)",
@@ -544,7 +548,7 @@ class Userfaultfd:
         n = len(arr)
         for a in (arr[0], arr[n - 1]) if n else ():
             self._aligned(int(a), page_size, "zero_pages", page_size)
-        installed = self._outu64
+        installed = ffi.new("uint64_t *")
         ret = lib.mig_uffd_zero_pages(self.fileno(), arr, n, page_size, 1 if wake else 0,
                                       installed)
         check(ret, f"ioctl(UFFDIO_ZEROPAGE batch of {n}, {int(installed[0])} installed)",
@@ -559,7 +563,7 @@ class Userfaultfd:
         length = len(buf)
         self._aligned(dst, length, "copy_range", page_size)
         self._check_inside(dst, length, "copy_range")
-        installed = self._outu64
+        installed = ffi.new("uint64_t *")
         mode = lib.UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0
         ret = lib.mig_uffd_copy_range(self.fileno(), dst, buf, length, page_size, mode, installed)
         check(ret, f"ioctl(UFFDIO_COPY {dst:#x}+{length:#x})", _RESOLVE_HINTS)
@@ -575,9 +579,9 @@ class Userfaultfd:
         """One read() of up to ``max_events`` messages; ``[]`` when none is pending."""
         if not 0 < max_events <= _MAX_BATCH:
             raise ValueError(f"max_events must be 1..{_MAX_BATCH}, not {max_events}")
-        n = check(lib.mig_uffd_read_events(self.fileno(), self._events, max_events),
+        events = self.raw_events()
+        n = check(lib.mig_uffd_read_events(self.fileno(), events, max_events),
                   "read(userfaultfd)")
-        events = self._events
         decoded = [_decode(events[i]) for i in range(n)]
         if self._registered:
             self._track(decoded)
@@ -588,9 +592,9 @@ class Userfaultfd:
         if not 0 < max_events <= _MAX_BATCH:
             raise ValueError(f"max_events must be 1..{_MAX_BATCH}, not {max_events}")
         ms = -1 if timeout is None else max(0, int(timeout * 1000))
-        n = check(lib.mig_uffd_wait_events(self.fileno(), self._events, max_events, ms),
+        events = self.raw_events()
+        n = check(lib.mig_uffd_wait_events(self.fileno(), events, max_events, ms),
                   "poll+read(userfaultfd)")
-        events = self._events
         decoded = [_decode(events[i]) for i in range(n)]
         if self._registered:
             self._track(decoded)
@@ -612,9 +616,12 @@ class Userfaultfd:
                 self._registered.extend((s - old + new, e - old + new, m) for s, e, m in moved)
 
     def raw_events(self) -> Any:
-        """The preallocated ``struct mig_uffd_event[256]`` that read_events/wait_events fill, for
-        hot loops that call ``lib.mig_uffd_wait_events(uffd.fileno(), buf, n, ms)`` directly."""
-        return self._events
+        """This thread's preallocated ``struct mig_uffd_event[256]`` that read_events/wait_events
+        fill, for hot loops calling ``lib.mig_uffd_wait_events(uffd.fileno(), buf, n, ms)``."""
+        buf = getattr(self._tls, "events", None)
+        if buf is None:
+            buf = self._tls.events = ffi.new("struct mig_uffd_event[]", _MAX_BATCH)
+        return buf
 
 
 def _parse_mode(mode: RegisterMode | int | str) -> RegisterMode:

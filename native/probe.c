@@ -322,9 +322,18 @@ int64_t mig_handler_stop(struct mig_handler *h)
 	return result;
 }
 
+/* fork without glibc's fork(): glibc takes its malloc and stdio locks before the syscall and
+ * keeps them until it returns, and with EVENT_FORK the syscall waits for the handler to read the
+ * event, so a handler thread that allocates (any large Python object) would deadlock. The raw
+ * clone runs no atfork handlers; the child below only touches memory, write()s and _exit()s. */
+static pid_t mig_raw_fork(void)
+{
+	return (pid_t)syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
+}
+
 int mig_fork_touch(const uint64_t *addrs, uint64_t n, int write_access, int out_fd)
 {
-	pid_t pid = fork();
+	pid_t pid = mig_raw_fork();
 	if (pid < 0)
 		return -errno;
 	if (pid == 0) {
@@ -347,7 +356,7 @@ int mig_fork_touch(const uint64_t *addrs, uint64_t n, int write_access, int out_
 
 int mig_fork_pause(void)
 {
-	pid_t pid = fork();
+	pid_t pid = mig_raw_fork();
 	if (pid < 0)
 		return -errno;
 	if (pid == 0) {

@@ -203,3 +203,27 @@ def test_wp_async_dirty_tracking_of_another_process(need, reap):
         finally:
             os.kill(pid, 9)
             reap(pid)
+
+
+def test_handler_may_allocate_while_a_fork_waits_for_its_event(need, reap):
+    """fork_touch/fork_paused use a raw clone: glibc's fork() would hold malloc's locks while
+    the kernel waits for the FORK event, and a reader allocating memory would deadlock."""
+    need("EVENT_FORK")
+    import time
+
+    from migrate._sys import ffi
+    from migrate.probe import fork_paused
+
+    with Userfaultfd.open(Feature.EVENT_FORK) as uffd, Region.anonymous(PAGE_SIZE) as r:
+        uffd.register(r.address, r.size, "MISSING")
+        t, box = in_thread(fork_paused)
+        time.sleep(0.1)  # let the fork reach the kernel's wait for the event
+        big = ffi.new("char[]", 1 << 20)  # malloc'd, not from Python's small-object arenas
+        assert len(big) == 1 << 20
+        events = read_until(uffd, 1)
+        t.join(5)
+        reap.track(box["result"])
+        assert isinstance(events[0], Fork)
+        os.close(events[0].uffd)
+        os.kill(box["result"], 9)
+        reap(box["result"])
