@@ -107,3 +107,32 @@ def reap() -> Iterator[Callable[[int], int]]:
             pass
         except ProcessLookupError:
             os.waitpid(pid, 0)
+
+
+@pytest.fixture
+def hugepages_2m() -> Iterator[Callable[[int], None]]:
+    """hugepages_2m(n): make sure n free 2 MiB huge pages exist (reserving them as root, and
+    giving them back afterwards), or skip with the reason."""
+    import pathlib
+
+    base = pathlib.Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+    nr_path = base / "nr_hugepages"
+    original: list[int] = []
+
+    def ensure(n: int) -> None:
+        if not base.is_dir():
+            pytest.skip("no 2 MiB hugetlb support in this kernel")
+        free = int((base / "free_hugepages").read_text())
+        if free >= n:
+            return
+        if os.geteuid() != 0:
+            pytest.skip(f"{free} free 2 MiB huge pages, need {n}, and not root to reserve more")
+        before = int(nr_path.read_text())
+        original.append(before)
+        nr_path.write_text(str(before + n - free))
+        if int((base / "free_hugepages").read_text()) < n:
+            pytest.skip("the kernel could not reserve 2 MiB huge pages (memory fragmented)")
+
+    yield ensure
+    if original:
+        nr_path.write_text(str(original[0]))

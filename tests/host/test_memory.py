@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import signal
 
 import pytest
@@ -121,36 +120,15 @@ def test_pagemap_scan_max_pages_and_vector_overflow():
             assert [s for s, _, _ in absent] == [region.page_address(i) for i in range(1, 64, 2)]
 
 
-def _hugepages_2m() -> pathlib.Path:
-    return pathlib.Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
-
-
-def test_hugetlb_2m_region_maps_one_huge_page():
-    base = _hugepages_2m()
-    if not base.is_dir():
-        pytest.skip("no 2 MiB hugetlb support in this kernel")
-    nr_path = base / "nr_hugepages"
-    before = int(nr_path.read_text())
-    grown = False
-    if int((base / "free_hugepages").read_text()) < 1:
-        if os.geteuid() != 0:
-            pytest.skip("no free 2 MiB huge page and not root to reserve one")
-        nr_path.write_text(str(before + 1))
-        grown = True
-        if int((base / "free_hugepages").read_text()) < 1:
-            nr_path.write_text(str(before))
-            pytest.skip("the kernel could not reserve a 2 MiB huge page (fragmented memory)")
-    try:
-        with Region.anonymous(1, hugetlb="2M") as region:
-            assert region.size == region.page_size == 2 << 20
-            region[(1 << 20) + 1] = 7
-            runs = memory.pagemap_scan("self", region.address, region.end,
-                                       require=PageCategory.PRESENT | PageCategory.HUGE)
-            assert runs == [(region.address, region.end, runs[0][2])]
-            assert PageCategory.HUGE in runs[0][2]
-    finally:
-        if grown:
-            nr_path.write_text(str(before))
+def test_hugetlb_2m_region_maps_one_huge_page(hugepages_2m):
+    hugepages_2m(1)
+    with Region.anonymous(1, hugetlb="2M") as region:
+        assert region.size == region.page_size == 2 << 20
+        region[(1 << 20) + 1] = 7
+        runs = memory.pagemap_scan("self", region.address, region.end,
+                                   require=PageCategory.PRESENT | PageCategory.HUGE)
+        assert [(s, e) for s, e, _ in runs] == [(region.address, region.end)]
+        assert PageCategory.HUGE in runs[0][2]
 
 
 def test_thp_advice_decides_whether_the_range_gets_huge_pages(caps):

@@ -320,3 +320,28 @@ def test_copy_pages_skips_a_present_page_inside_a_run(need):
 
 def memory_present(region: Region, index: int) -> bool:
     return region.pagemap(index, 1)[0].present
+
+
+def test_missing_fault_on_hugetlb_served_with_one_2m_copy(need, serve, hugepages_2m):
+    need("MISSING_HUGETLBFS")
+    hugepages_2m(2)
+    huge = 2 << 20
+    with Userfaultfd.open() as uffd, Region.anonymous(2 * huge, hugetlb="2M") as region:
+        assert region.page_size == huge
+        uffd.register(region.address, region.size, "MISSING")
+        # two touches inside the second huge page, one in the first
+        toucher = Toucher.start([region.address + huge + 5 * PAGE_SIZE, region.address + 77,
+                                 region.address + 2 * huge - 1])
+        source = bytes(range(256)) * (huge // 256)
+
+        def resolve(event):
+            page = event.address & ~(huge - 1)
+            assert uffd.copy(page, source) == huge
+
+        events = serve(uffd, toucher, resolve)
+        # one fault per huge page: the third touch hit the page the first one filled
+        assert [e.address & ~(huge - 1) for e in events] == [region.address + huge,
+                                                              region.address]
+        assert region.read(huge - 3, 6) == bytes([253, 254, 255, 0, 1, 2])
+        with pytest.raises(FileExistsError):
+            uffd.copy(region.address, source)
