@@ -35,6 +35,10 @@ def need(caps: dict[str, Any]) -> Callable[..., None]:
             pytest.skip(f"native binding missing: {caps.get('native_error')}")
         if not u or not u["available"]:
             pytest.skip(f"userfaultfd unavailable here: {u and u['error']}")
+        if u["user_mode_only_required"]:
+            pytest.skip("only user-mode-only userfaultfds here (not root, "
+                        f"vm.unprivileged_userfaultfd={u['unprivileged_userfaultfd']}, "
+                        "/dev/userfaultfd not accessible)")
         missing = [f for f in features if not u["features_supported"].get(f)]
         if missing:
             pytest.skip(f"kernel {caps['kernel']} lacks userfaultfd features {missing}")
