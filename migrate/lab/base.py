@@ -172,3 +172,32 @@ def is_root() -> bool:
 
 def hexs(values: list[int]) -> list[str]:
     return [hex(v) for v in values]
+
+
+def fault_probe(address: int, kind: str = "read", value: int = 0) -> dict[str, Any]:
+    """One access through the lab's native probe: whether it faulted, the signal, si_code,
+    si_addr, and (x86-64) the trap number and #PF error code from the signal frame. Run it in a
+    child process when the access may hit something no handler should survive."""
+    from migrate._sys import check, ffi, lib
+    from migrate.probe import SI_CODE_NAMES
+
+    kinds = {"read": lib.LAB_READ, "write": lib.LAB_WRITE, "fetch": lib.LAB_FETCH}
+    if kind not in kinds:
+        raise ValueError(f"fault_probe kind must be one of {sorted(kinds)}, not {kind!r}")
+    out = ffi.new("struct lab_fault *")
+    check(lib.lab_fault_probe(address, kinds[kind], value, out), f"lab_fault_probe({kind})")
+    if not out.faulted:
+        return {"faulted": False, "ret": int(out.ret)}
+    signo, code = int(out.signo), int(out.code)
+    names = {int(lib.SIGSEGV): "SIGSEGV", int(lib.SIGBUS): "SIGBUS"}
+    return {"faulted": True, "signal": names.get(signo, str(signo)),
+            "si_code": SI_CODE_NAMES.get(signo, {}).get(code, str(code)),
+            "si_addr": int(out.addr), "trapno": int(out.trapno), "error_code": int(out.err)}
+
+
+PF_BITS = ((0x1, "P"), (0x2, "W/R"), (0x4, "U/S"), (0x8, "RSVD"), (0x10, "I/D"), (0x20, "PK"))
+
+
+def pf_bits(error_code: int) -> list[str]:
+    """Names of the set bits of a #PF error code (SDM vol. 3A, 4.7)."""
+    return [name for bit, name in PF_BITS if error_code & bit]
