@@ -411,7 +411,8 @@ def _check_field(mtype: str, name: str, kind: str, arg: Any, value: Any, limits:
             raise ProtocolError(f"{where}: expected at most {arg} bytes")
         return value
     if kind == "choice":
-        if value not in arg or isinstance(value, bool):
+        # Exact types: 1.0 == 1 and True == 1 in Python, but neither is a valid code here.
+        if not any(type(value) is type(c) and value == c for c in arg):
             raise ProtocolError(f"{where}: {value!r} is not one of {list(arg)}")
         return value
     if kind == "session":
@@ -419,7 +420,7 @@ def _check_field(mtype: str, name: str, kind: str, arg: Any, value: Any, limits:
             raise ProtocolError(f"{where}: expected {SESSION_ID_BYTES} bytes")
         return value
     if kind == "page_size":
-        if value not in PAGE_SIZES or isinstance(value, bool):
+        if type(value) is not int or value not in PAGE_SIZES:
             raise ProtocolError(f"{where}: unsupported page size {value!r}")
         return value
     if kind == "endpoint":
