@@ -577,15 +577,27 @@ class Kernel:
         return proc
 
     def exit(self, proc: Process) -> None:
+        """exit_mmap: unmap everything, take every core off the mm (flushing its PCID, as
+        switching to init_mm would), forget its ASIDs, then free the page tables."""
         for vma in list(proc.vmas):
             proc.munmap(vma.start, vma.end - vma.start)
         for cid, cs in enumerate(self.cores):
-            if cs.current is proc or cs.loaded is proc:
-                cs.current = None if cs.current is proc else cs.current
+            core = self.machine.cores[cid]
+            slot = self._asid_slot(cid, proc)
+            if cs.loaded is proc:
+                with core.supervisor():
+                    if core.cr4_pcide:
+                        core.invpcid(1, pcid=core.pcid)
+                    else:
+                        core.invpcid(3)
+                if cs.current is proc:
+                    cs.current = None
                 cs.loaded = None
                 cs.lazy = False
-                core = self.machine.cores[cid]
                 core.page_table = None
+            if slot is not None:
+                cs.asids[slot] = None
+        proc.cpumask.clear()
         proc.alive = False
         proc.pt.destroy()
         del self.processes[proc.pid]

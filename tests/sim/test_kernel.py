@@ -547,3 +547,18 @@ def test_tlb_reach_huge_pages_versus_4k() -> None:
         walks[huge] = core.tlb.stats["walks"]
     assert walks[True] == 0
     assert walks[False] > 1500  # most random 4 KiB accesses miss both TLB levels
+
+
+def test_exit_frees_everything_and_leaves_no_translation(machine) -> None:
+    k = machine.kernel
+    free0 = machine.physmem.free_frames
+    p = k.spawn()
+    a = p.mmap(None, 8 * PG, "rw")
+    for i in range(8):
+        p.write(a + i * PG, b"x")
+    k.exit(p)
+    assert machine.physmem.free_frames == free0
+    core = machine.cores[0]
+    assert core.tlb.size() == 0
+    with pytest.raises(KernelError, match="ESRCH"):
+        p.read(a, 1)
