@@ -281,6 +281,8 @@ class Process:
         align = huge_size or PAGE_SIZE
         length = (length + align - 1) & ~(align - 1)
         if isinstance(file, str):
+            if file not in self.kernel.files:
+                raise KernelError("ENOENT", f"no file {file!r} (create_file it first)")
             file = self.kernel.files[file]
         if fixed:
             if addr is None or addr % align:
