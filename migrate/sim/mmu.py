@@ -455,6 +455,29 @@ class Core:
             raise ValueError(f"access must be Access.READ, WRITE or FETCH, got {access!r}")
         return self._walk(vaddr, access, implicit_supervisor, False)
 
+    def explain(self, vaddr: int, access: int = Access.READ, *,
+                implicit_supervisor: bool = False) -> dict:
+        """``translate`` with a report of where the translation came from (for teaching): the
+        physical address or the fault, the TLB array that hit (or "walk"), and how many
+        paging-structure entries the walk read (fewer when a paging-structure cache hit)."""
+        tlb = self.tlb
+        before = {a.name: a.stats.hits for a in tlb.arrays}
+        walks, read = tlb.counters.walks, tlb.counters.entries_read
+        psc_before = {c.name: c.stats.hits for c in tlb.pscs}
+        out: dict = {"vaddr": vaddr, "access": Access(access).name}
+        try:
+            out["paddr"] = self.translate(vaddr, access,
+                                          implicit_supervisor=implicit_supervisor)
+        except PageFault as fault:
+            out["fault"] = {"error_code": fault.error_code, "bits": fault.bits(),
+                            "reason": fault.reason}
+        hits = [a.name for a in tlb.arrays if a.stats.hits != before[a.name]]
+        out["source"] = "walk" if tlb.counters.walks != walks else (hits[0] if hits else None)
+        out["entries_read"] = tlb.counters.entries_read - read
+        out["psc_hit"] = next((c.name for c in tlb.pscs if c.stats.hits != psc_before[c.name]),
+                              None)
+        return out
+
     def _fault(self, vaddr: int, code: int, reason: str) -> None:
         # SDM 4.10.4.1: a #PF invalidates the TLB entries for the faulting page number and the
         # paging-structure-cache entries that would be used for that address (current PCID).
@@ -512,6 +535,7 @@ class Core:
                 break
             table = e & addr_mask
             level -= 1
+        tlb.counters.entries_read += len(path)
         pkey = (e >> 59) & 0xF
         rights = ((and_bits >> 1) & 3) | ((or_bits >> 61) & 4) | (pkey << R_PKEY_SHIFT)
         code = (self._perm_implicit if implicit else self._perm)[access][rights | R_D]

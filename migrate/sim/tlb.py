@@ -19,7 +19,7 @@ the page's physical base address with the cached rights in its low bits (see ``R
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 GLOBAL_TAG = 0x1000  # above every 12-bit PCID
 KEY_SHIFT = 15  # key = vpn << 15 | size_code << 13 | tag
@@ -236,10 +236,10 @@ class PagingStructureCache:
 @dataclass
 class TLBCounters:
     walks: int = 0
+    entries_read: int = 0  # paging-structure entries read from memory by successful walks
     full_flushes: int = 0  # operations that dropped every entry of at least one PCID
     page_invalidations: int = 0  # INVLPG / INVPCID type 0 / fault invalidations
     faults: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class TLB:
@@ -307,6 +307,7 @@ class TLB:
         for c in self.pscs:
             out[c.name] = asdict(c.stats)
         out["walks"] = self.counters.walks
+        out["entries_read"] = self.counters.entries_read
         out["full_flushes"] = self.counters.full_flushes
         out["page_invalidations"] = self.counters.page_invalidations
         out["faults"] = self.counters.faults

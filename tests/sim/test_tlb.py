@@ -372,3 +372,23 @@ def test_invlpg_of_any_address_in_a_2m_page_drops_its_entry() -> None:
     assert core.translate(0x4000_1234) == 0x20_1234
     core.invlpg(0x401F_F000)  # last 4 KiB of the 2 MiB page
     assert core.translate(0x4000_1234) == 0x60_1234
+
+
+def test_explain_reports_the_source_of_a_translation() -> None:
+    """A first access walks 4 levels; a neighbour in the same page table walks only the PTE
+    thanks to the PDE cache (SDM 4.10.3); a repeat hits the L1 DTLB."""
+    m, core = world()
+    (f1,) = frames(m, 1)
+    pt = m.new_page_table()
+    pt.map(A1, f1, user=False)
+    pt.map(A2, f1, user=False)
+    core.load_cr3(pt)
+    first = core.explain(A1)
+    assert first["source"] == "walk" and first["entries_read"] == 4 and first["paddr"] == f1
+    second = core.explain(A2)
+    assert second["source"] == "walk" and second["entries_read"] == 1
+    assert second["psc_hit"] == "pde_cache"
+    third = core.explain(A2 + 8)
+    assert third["source"] == "l1d_4k" and third["entries_read"] == 0
+    fault = core.explain(A1 + 0x10000, Access.WRITE)
+    assert fault["fault"]["error_code"] == 0x2
