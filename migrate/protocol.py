@@ -537,6 +537,13 @@ for _state in _ANY_LIVE:
     for _side in Side:
         TRANSITIONS[(_state, _side, MsgType.ERROR)] = State.FAILED
         TRANSITIONS[(_state, _side, MsgType.BYE)] = State.FAILED
+# Bulk messages are read after urgent ones: the last pre-copy round's ROUND_END may be read
+# after SWITCHOVER was handled (even after COMPLETE), and pushed pages or PUSH_DONE after VERIFIED.
+# They carry nothing the destination still needs; rejecting them failed good migrations.
+for _state in (State.SWITCHING, State.POSTCOPY, State.COMPLETING, State.DONE):
+    TRANSITIONS[(_state, S, MsgType.ROUND_END)] = _state
+for _mtype in (MsgType.PAGES, MsgType.PUSH_DONE):
+    TRANSITIONS[(State.DONE, S, _mtype)] = State.DONE
 for _state in (*_ANY_LIVE, State.DONE):
     for _side in Side:
         TRANSITIONS[(_state, _side, MsgType.PING)] = _state
