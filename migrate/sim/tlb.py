@@ -74,6 +74,7 @@ class ArrayStats:
     misses: int = 0
     evictions: int = 0
     invalidations: int = 0  # entries removed by INVLPG/INVPCID/CR3/CR4/fault invalidation
+    flushes: int = 0  # whole-PCID or whole-array flush operations (CR3 load, INVPCID 1-3, CR4)
     fills: int = 0
 
 
@@ -146,6 +147,7 @@ class TLBArray:
 
     def flush(self, *, tag: int | None = None, keep_global: bool) -> int:
         """Remove every entry of PCID ``tag`` (all PCIDs if None), global ones unless kept."""
+        self.stats.flushes += 1
         removed = 0
         for s in self.sets:
             for key in list(s):
@@ -218,6 +220,7 @@ class PagingStructureCache:
         return 1
 
     def flush(self, pcid: int | None = None) -> int:
+        self.stats.flushes += 1
         if pcid is None:
             removed = len(self.data)
             self.data.clear()
