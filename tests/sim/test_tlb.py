@@ -392,3 +392,34 @@ def test_explain_reports_the_source_of_a_translation() -> None:
     assert third["source"] == "l1d_4k" and third["entries_read"] == 0
     fault = core.explain(A1 + 0x10000, Access.WRITE)
     assert fault["fault"]["error_code"] == 0x2
+
+
+def test_freed_page_table_reached_through_a_stale_pde_cache_entry() -> None:
+    """SDM 4.10.3 / 4.10.4.2: the PDE cache holds the address of a page table. If the OS frees
+    that table and reuses the frame without invalidating (INVLPG flushes every PSC entry of the
+    PCID), a walk still goes through the old table's frame and reads whatever is now there."""
+    m, core = world()
+    (f1,) = frames(m, 1)
+    pt = m.new_page_table()
+    pt.map(A1, f1, user=False)
+    core.load_cr3(pt)
+    core.translate(A1)  # fills TLB + PML4E/PDPTE/PDE caches
+    table_pfn = pt.entries(A1)[-1].table_paddr >> 12  # the page table holding A1's PTE
+    pt.unmap(A1)
+    freed = pt.prune(A1)
+    assert table_pfn in freed and len(freed) == 3  # PT, PD and PDPT went back to the allocator
+    core.tlb.invalidate_page(A1, core.pcid, include_global=True)  # a TLB-only flush (not INVLPG)
+    taken = []
+    while (pfn := m.physmem.alloc(owner="someone-else")) != table_pfn:
+        taken.append(pfn)  # the allocator hands out the lowest free frames first
+        assert len(taken) < 16
+    evil = m.physmem.alloc(owner="victim") << 12
+    # The table's new owner writes what happens to look like a PTE for A2 into its frame.
+    m.physmem.write_u64((table_pfn << 12) + ((A2 >> 12) & 511) * 8, evil | 0x3)
+    seen = core.explain(A2)
+    assert seen["paddr"] == evil and seen["psc_hit"] == "pde_cache"
+    # The walk also cached A2 -> evil in the TLB; INVLPG A2 drops that and every PSC entry.
+    core.invlpg(A2)
+    with pytest.raises(PageFault) as info:
+        core.translate(A2)
+    assert not info.value.present
