@@ -307,3 +307,22 @@ def test_bad_access_kind_is_a_clear_error() -> None:
     _m, _pt, core, _ = setup()
     with pytest.raises(ValueError, match="access must be"):
         core.translate(VA, 7)
+
+
+def test_entry_bits_are_at_their_architectural_positions() -> None:
+    """SDM 4.5, tables 4-19/4-20 (4-KByte PTE) and 4-17/4-18 (large pages): P 0, R/W 1, U/S 2,
+    PWT 3, PCD 4, A 5, D 6, PS/PAT 7, G 8, PAT (large) 12, protection key 62:59, XD 63."""
+    from migrate.sim import paging
+
+    assert (paging.P, paging.RW, paging.US, paging.PWT, paging.PCD, paging.A, paging.D) == (
+        1, 2, 4, 8, 16, 32, 64)
+    assert paging.PS == paging.PAT_4K == 1 << 7 and paging.G == 1 << 8
+    assert paging.PAT_LARGE == 1 << 12 and paging.XD == 1 << 63
+    assert paging.PKEY_MASK == 0xF << 59
+    m = Machine(cores=1, memory=16 << 20)
+    pt = m.new_page_table()
+    e = pt.map(VA, 0x5000, writable=True, user=True, nx=True, pkey=9, global_=True, pwt=True,
+               pcd=True)
+    assert e.raw == 0x5000 | 1 | 2 | 4 | 8 | 16 | (1 << 8) | (9 << 59) | (1 << 63)
+    assert (e.present, e.writable, e.user, e.pwt, e.pcd, e.global_, e.nx, e.pkey) == (
+        True, True, True, True, True, True, True, 9)
