@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "source": ("migrate.source", "run a guest here and migrate it live to a destination daemon"),
     "dest": ("migrate.dest", "accept live migrations: start guests, serve their faults"),
     "demo": ("migrate.demo", "start both daemons on loopback and migrate one guest live"),
+    "lab": ("migrate.lab.cli", "address-translation scenarios, on this host and in the model"),
     "keygen": ("migrate.keys", "make a CURVE key pair (NAME.key, NAME.key_public) for the daemons"),
 }
 

@@ -88,7 +88,8 @@ def theoretical_bits() -> dict[str, int | None]:
     """Linux x86-64 (arch/x86/mm/mmap.c, fs/binfmt_elf.c, arch/x86/kernel/process.c):
     mmap_base and a PIE's load address: vm.mmap_rnd_bits pages; stack top: STACK_RND_MASK
     (22 bits of pages); brk: within 1 GiB above the executable (Linux >= 6.9, SZ_1G: 18 bits of
-    pages) above the executable (so [heap] moves with it, and heap - exe has 18 bits); the vDSO is placed in the mmap area here."""
+    pages), so [heap] moves with the executable and heap - exe has 18 bits; the vDSO is placed
+    in the mmap area on this kernel."""
     rnd = read_text("/proc/sys/vm/mmap_rnd_bits")
     mmap_bits = int(rnd) if rnd else None
     return {"exe": mmap_bits, "mmap": mmap_bits, "libc": mmap_bits, "stack": 22,
@@ -183,7 +184,7 @@ def host() -> HostResult:
     rules["live_got_bound_slots_match_dlsym"] = live.get("bound_to_dlsym_address", 0) > 0
     ev["rules"] = rules
     status_reason = "" if setting == "2" else f"kernel.randomize_va_space = {setting}"
-    summary = ("bits that varied over %d runs: " % RUNS + ", ".join(
+    summary = (f"bits that varied over {RUNS} runs: " + ", ".join(
         f"{n} {r['varying_bits']} (theory {r['theoretical_bits']})" for n, r in regions.items())
         + f"; all fixed with setarch -R; {static['binary']}: {len(info.jump_slots)} JUMP_SLOTs; "
         f"live GOT of {os.path.basename(live.get('object', '?'))}: "
@@ -234,7 +235,7 @@ def sim() -> SimResult:
                   and c["first_call"] == c["second_call"] == "0x1234" and c["resolutions"] == 1
                   for c in calls)
           and calls[0]["app_base"] != calls[1]["app_base"])
-    summary = ("bits that varied over %d model processes: " % RUNS + ", ".join(
+    summary = (f"bits that varied over {RUNS} model processes: " + ", ".join(
         f"{k} {b['varying_bits']} (formula {b['theoretical_bits']})" for k, b in bases.items())
         + "; GOT slot -> PLT+6 before the first call, -> getpid after; same code works at two "
         "bases")

@@ -98,9 +98,9 @@ def host() -> HostResult:
         and past.get("si_addr") == (eof.result or {}).get("expected_addr"),
     }
     ev["rules"] = rules
+    grown_mib = (cached_after - cached_before) >> 20
     summary = (f"read 1 GiB sparse file: st_blocks {blocks_before} -> {blocks_after}, data only "
-               f"at [{data_at:#x}, {hole_at:#x}); page cache +{(cached_after - cached_before) >> 20}"
-               f" MiB of zero-filled pages; past EOF: {past.get('signal')} "
+               f"at [{data_at:#x}, {hole_at:#x}); page cache +{grown_mib} MiB of zero-filled pages; past EOF: {past.get('signal')} "
                f"{past.get('si_code')}")
     return HostResult("ran", "", ev, all(rules.values()), summary)
 

@@ -32,7 +32,8 @@ def child_stack_grow(total: int, frame: int, every: int) -> dict[str, Any]:
     n = lib.lab_stack_grow(total, frame, every, depth, size, cap)
     if n < 0:
         return {"error": f"lab_stack_grow: errno {-n}"}
-    return {"depth": [int(depth[i]) for i in range(n)], "vma_size": [int(size[i]) for i in range(n)]}
+    return {"depth": [int(depth[i]) for i in range(n)],
+            "vma_size": [int(size[i]) for i in range(n)]}
 
 
 def _uffd_growth() -> dict[str, Any]:

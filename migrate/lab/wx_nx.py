@@ -59,7 +59,8 @@ def host() -> HostResult:
                                                        "returncode": raw.returncode},
           "child_error": res.stderr[-400:] if res.returncode else None}
     rules = {
-        "fetch_from_rw_faults": rw.get("signal") == "SIGSEGV" and rw.get("si_code") == "SEGV_ACCERR",
+        "fetch_from_rw_faults": rw.get("signal") == "SIGSEGV"
+        and rw.get("si_code") == "SEGV_ACCERR",
         "si_addr_is_the_code": rw.get("si_addr") == r.get("address"),
         "error_code_is_instruction_fetch": bool(rw.get("error_code", 0) & 0x10)
         and rw.get("trapno") == 14,
