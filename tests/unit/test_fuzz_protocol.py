@@ -428,3 +428,98 @@ def test_hellos_set_limits_only_when_consistent(page_size: Any, npages: int, siz
     assert hello.version == p.PROTOCOL_VERSION and 0 < hello.npages < 2**32
     assert hello.npages * hello.page_size == hello.workload["size"]
     assert conn.limits.npages == hello.npages and conn.state is p.State.NEGOTIATING
+
+
+# ---------------------------------------------------------------------------------------------
+# The destination's message handlers, on a real session (guest process, uffd, sockets)
+
+HANDLER_INPUTS = 5000  # per phase (pre-copy, post-copy)
+
+
+@pytest.mark.host
+def test_destination_handlers_survive_mutated_traffic(traffic: list[Sent]) -> None:
+    """Mutated source messages go through a real DestSession's receive and handlers, before and
+    after a real switchover: each ends handled or in one of the errors the session loop reports
+    cleanly (MigrateError, OSError, ZMQError); never another exception, never a hang."""
+    missing = _migration_features_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    from migrate import dest
+    from migrate.errors import MigrateError
+
+    daemon = dest.DestDaemon(dest.DestOptions(listen="tcp://127.0.0.1:*", quiet=True,
+                                              peer_timeout_s=2, verify_reference=False))
+    ctx = zmq.Context()
+    sockets: list[zmq.Socket] = []
+
+    def dealer(endpoint: str) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(endpoint)
+        sockets.append(s)
+        return s
+
+    client = dealer(daemon.endpoint)
+    client.send_multipart(traffic[0].frames)
+    assert daemon.router.poll(5000)
+    frames = daemon.router.recv_multipart(copy=False)
+    session = dest.DestSession(daemon, frames[0].bytes, frames[1:])
+    rng = random.Random(SEED + 1)
+    from_source = [s for s in traffic[1:] if s.sender is p.Side.SOURCE]
+    limits = _snapshots(traffic, p.Side.DEST)[1].limits
+    switchover = next(s for s in from_source
+                      if p.decode(s.frames, limits).TYPE is p.MsgType.SWITCHOVER)
+    outcome: dict[str, int] = {"handled": 0, "rejected": 0, "failed": 0}
+    failures: set[str] = set()
+
+    def drain() -> None:
+        for s in sockets:
+            while s.poll(0):
+                s.recv_multipart()
+
+    def fuzz(state: p.State) -> None:
+        for _ in range(HANDLER_INPUTS):
+            sent = rng.choice(from_source)
+            frames = mutate(rng, sent.frames, traffic) if rng.random() < 0.8 else sent.frames
+            session.conn.state = state
+            session.urgent_arrival_ns = time.monotonic_ns()
+            try:
+                msg = session.conn.receive(frames)
+                if msg.TYPE in (p.MsgType.SWITCHOVER, p.MsgType.RESUME):
+                    outcome["handled"] += 1  # would change the session's phase: not here
+                    continue
+                urgent = (sent.channel == "urgent") != (rng.random() < 0.3)
+                (session._on_urgent if urgent else session._on_bulk)(msg)
+                outcome["handled"] += 1
+            except ProtocolError:
+                outcome["rejected"] += 1
+            except (MigrateError, OSError, zmq.ZMQError) as exc:
+                outcome["failed"] += 1
+                failures.add(f"{type(exc).__name__}: {str(exc)[:80]}")
+            drain()
+
+    try:
+        assert session.handshake()
+        welcome = p.decode(client.recv_multipart())
+        assert isinstance(welcome, p.Welcome)
+        dealer(welcome.urgent_endpoint)
+        dealer(welcome.bulk_endpoint)
+        fuzz(p.State.PRECOPY)
+        # The real switchover: everything it names is taken as installed, the guest resumes.
+        msg = p.decode(switchover.frames, session.conn.limits)
+        assert isinstance(msg, p.Switchover)
+        session.conn.state = p.State.PRECOPY
+        session.bulk_seq = max(session.bulk_seq, msg.bulk_seq)
+        session._on_urgent(session.conn.receive(switchover.frames))
+        assert session.report.phase in ("postcopy", "verify")
+        fuzz(p.State.POSTCOPY)
+    finally:
+        session._cleanup()
+        for s in sockets:
+            s.close(linger=0)
+        daemon.router.close(linger=0)
+        daemon.ctx.term()
+        ctx.term()
+    print(f"handler fuzz, {2 * HANDLER_INPUTS} inputs: {outcome}; failures: {failures}")
+    assert sum(outcome.values()) == 2 * HANDLER_INPUTS
+    assert outcome["handled"] > HANDLER_INPUTS // 10
