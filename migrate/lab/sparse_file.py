@@ -100,8 +100,8 @@ def host() -> HostResult:
     ev["rules"] = rules
     grown_mib = (cached_after - cached_before) >> 20
     summary = (f"read 1 GiB sparse file: st_blocks {blocks_before} -> {blocks_after}, data only "
-               f"at [{data_at:#x}, {hole_at:#x}); page cache +{grown_mib} MiB of zero-filled pages; past EOF: {past.get('signal')} "
-               f"{past.get('si_code')}")
+               f"at [{data_at:#x}, {hole_at:#x}); page cache +{grown_mib} MiB of zero-filled "
+               f"pages; past EOF: {past.get('signal')} {past.get('si_code')}")
     return HostResult("ran", "", ev, all(rules.values()), summary)
 
 

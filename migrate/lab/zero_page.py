@@ -128,8 +128,8 @@ def sim() -> SimResult:
     child_sees_zero = child.frame_of(a + 4096) == zero
     child.write(a, b"child")
     child_cow = child.fault_log[-1].resolution
-    refcounts_after = (m.physmem.frame(written_frame).refcount,
-                       m.physmem.frame(child.frame_of(a)).refcount)
+    refcounts_after = [m.physmem.frame(written_frame).refcount,
+                       m.physmem.frame(child.frame_of(a)).refcount]
     ev = {
         "pages_read": n, "distinct_frames_after_read": len(read_frames),
         "all_zero_frame": read_frames == {zero}, "rss_pages_after_read": rss_after_read,
@@ -141,7 +141,7 @@ def sim() -> SimResult:
     }
     ok = (read_frames == {zero} and rss_after_read == 0 and cow.resolution == "cow"
           and cow.error_code == 0x7 and p.rss_pages() == 1 and shared_refcount == 2
-          and child_sees_zero and child_cow == "cow" and refcounts_after == (1, 1))
+          and child_sees_zero and child_cow == "cow" and refcounts_after == [1, 1])
     summary = (f"{n} reads -> 1 zero frame, RSS 0; first write #PF {cow.error_code:#x} -> "
                f"{cow.resolution}; after fork refcount {shared_refcount}, child write -> "
                f"{child_cow}, refcounts {refcounts_after}")
