@@ -64,7 +64,7 @@ def sim() -> SimResult:
     from migrate.sim import Machine
     from migrate.sim.devices import run_teardown
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for mode, order, expected in ORDERS:
         m = Machine(cores=1, memory=64 << 20)
         m.iommu.mode = mode

@@ -106,7 +106,7 @@ def sim() -> SimResult:
 
     m = Machine(cores=1, memory=32 << 20)
     p = m.kernel.spawn()
-    rows = []
+    rows: list[dict[str, Any]] = []
     ok = True
     for size in SIZES:
         data_pages = (size + PG - 1) // PG

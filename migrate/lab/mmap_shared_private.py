@@ -126,7 +126,7 @@ def sim() -> SimResult:
         "private_write_fault": {"error_code": hex(rec.error_code), "resolution": rec.resolution},
         "private_frame_after_write": p2.frame_of(priv + PG),
         "page_cache_page1": m.physmem.read(cache_frame1 << 12, 12).decode(),
-        "shared_pte_dirty": bool(p2.pte(s2).dirty),
+        "shared_pte_dirty": bool(getattr(p2.pte(s2), "dirty", False)),
     }
     ok = (p1.frame_of(s1) == p2.frame_of(s2) == cache_frame0 and seen_by_p1 == b"CHILD-SHARED"
           and in_page_cache == b"CHILD-SHARED" and private_before == cache_frame1

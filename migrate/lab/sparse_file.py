@@ -116,7 +116,7 @@ def sim() -> SimResult:
     a = p.mmap(None, 80 * PG, "r", file="sparse")
     zero = m.physmem.zero_frame
     holes = [i for i in range(65) if i != 10]
-    hole_frames = set()
+    hole_frames: set[int | None] = set()
     for i in holes:
         assert p.read(a + i * PG, 16) == bytes(16)
         hole_frames.add(p.frame_of(a + i * PG))
@@ -127,7 +127,8 @@ def sim() -> SimResult:
         p.read(a + 65 * PG, 1)
     except Signal as s:
         err = {"signo": s.signo, "si_code": s.si_code, "address": hex(s.address)}
-    ev = {"pages_read": 65, "hole_frames": sorted(hole_frames), "zero_frame": zero,
+    ev = {"pages_read": 65, "zero_frame": zero,
+          "hole_frames": sorted(pfn for pfn in hole_frames if pfn is not None),
           "allocated_blocks": f.allocated_blocks(), "page_cache_pages": len(f.pages),
           "island": island.decode(), "resolutions": resolutions, "past_eof": err,
           "rss_pages": p.rss_pages()}

@@ -99,7 +99,7 @@ def host() -> HostResult:
     beyond = {"rlimit_stack": soft, "recursion_bytes": over, "child_signal": crash.signal,
               "child_returncode": crash.returncode}
     ev = {"uffd_region": uffd, "kernel_stack": stack, "beyond_rlimit": beyond}
-    ok = (uffd["faults"] == UFFD_PAGES and uffd["fault_order_is_touch_order"]
+    ok = bool(uffd["faults"] == UFFD_PAGES and uffd["fault_order_is_touch_order"]
           and uffd["present_grew_one_per_fault"] and uffd["present_after"] == UFFD_PAGES
           and uffd["page_contents_are_fault_numbers"]
           and bool(sizes) and stack["monotonic"] and stack["covers_depth"]

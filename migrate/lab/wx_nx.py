@@ -93,14 +93,23 @@ def sim() -> SimResult:
             out[key] = {"signo": s.signo, "si_code": s.si_code, "address": hex(s.address),
                         "error_code": s.error_code, "error_bits": pf_bits(s.error_code)}
 
+    def store() -> bytes:
+        p.write(data, b"\x90")
+        return b""
+
+    def nx() -> bool:
+        pte = p.pte(data)
+        return bool(pte is not None and pte.nx)
+
     attempt("fetch_from_rw", lambda: p.execute(data, len(CODE)))
-    nx_bit = bool(p.pte(data).nx)
+    nx_bit = nx()
     p.mprotect(data, PG, "rx")
     attempt("fetch_from_rx", lambda: p.execute(data, len(CODE)))
-    attempt("store_to_rx", lambda: (p.write(data, b"\x90"), b"")[1])
+    attempt("store_to_rx", store)
     attempt("fetch_unmapped", lambda: p.execute(0x10000, 1))
-    ev = {"nx_bit_on_rw_page": nx_bit, "nx_bit_after_rx": bool(p.pte(data).nx), **out}
-    ok = (nx_bit and not p.pte(data).nx
+    nx_after = nx()
+    ev = {"nx_bit_on_rw_page": nx_bit, "nx_bit_after_rx": nx_after, **out}
+    ok = (nx_bit and not nx_after
           and out["fetch_from_rw"].get("error_code") == PF_P | PF_US | PF_ID
           and out["fetch_from_rw"].get("si_code") == "SEGV_ACCERR"
           and out["fetch_from_rx"].get("ran") == CODE.hex()

@@ -185,7 +185,7 @@ def sim() -> SimResult:
           "cow_copies": k.stats["cow_copies"] - copies_before,
           "server_page_now": server.frame_of(src), "client_reads_messages": content_ok,
           "copy_path_bytes": copied}
-    ok = (ev["frames_moved"] and data_written[0] == 0 and data_frames[0] == 0
+    ok = bool(ev["frames_moved"] and data_written[0] == 0 and data_frames[0] == 0
           and ev["cow_copies"] == 0
           and server.frame_of(src) is None and content_ok and copied == n * PG)
     summary = (f"{n} pages moved server -> client by remapping PTEs: 0 bytes copied, frames "
