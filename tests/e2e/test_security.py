@@ -328,3 +328,27 @@ def test_source_names_the_cause_of_a_failed_curve_handshake(tmp_path: Path) -> N
     assert "refused our public key" in unknown_client.stdout
     log = dest.log()
     assert "refused CURVE client key" in log and "another server key" in log
+
+
+def test_a_region_larger_than_this_host_is_refused_not_started(tmp_path: Path) -> None:
+    dest = Dest(tmp_path)
+    ctx = zmq.Context()
+    try:
+        npages = (psutil.virtual_memory().total // 4096) * 2
+        hello = protocol.Hello(protocol.PROTOCOL_VERSION, os.urandom(16), 4096, npages, "anon",
+                               "postcopy", {"name": "kv", "size": npages * 4096, "seed": 0,
+                                            "ops": 1}, [], "x")
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(dest.endpoint)
+        s.send_multipart(protocol.encode(hello))
+        assert s.poll(10_000), "no answer to an oversized HELLO"
+        reply = protocol.decode(s.recv_multipart())
+        s.close()
+        assert isinstance(reply, protocol.Refuse) and reply.session == hello.session
+        assert "larger than this host's memory" in reply.reason
+        assert not dest.session_ports(), "a session was started anyway"
+        assert dest.proc.poll() is None  # and it did not count towards --count 1
+    finally:
+        dest.kill()
+        ctx.term()
