@@ -32,6 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="do not give each daemon its own CPU")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--curve", action="store_true",
+                        help="authenticate and encrypt with CURVE keys made for this run")
 
 
 def cpus_for_daemons(pin: bool) -> tuple[int | None, int | None]:
@@ -46,12 +48,22 @@ def cpus_for_daemons(pin: bool) -> tuple[int | None, int | None]:
 
 def run_demo(workload: str, memory: str | int, mode: str, *, seed: int = 0, ops: int = 0,
              after: float = 1.0, backing: str = "anon", pin: bool = True,
-             timeout: float = 600.0, quiet: bool = False) -> dict[str, Any]:
+             timeout: float = 600.0, quiet: bool = False, curve: bool = False) -> dict[str, Any]:
     source_cpu, dest_cpu = cpus_for_daemons(pin)
     with tempfile.TemporaryDirectory(prefix="migrate-demo-") as tmp:
         ready = os.path.join(tmp, "dest.endpoint")
         dest_cmd = [sys.executable, "-m", "migrate", "dest", "--listen", "tcp://127.0.0.1:*",
                     "--count", "1", "--ready-file", ready, "--quiet"]
+        source_keys: list[str] = []
+        if curve:
+            from migrate import keys
+
+            keys.generate(tmp, "dest")
+            keys.generate(tmp, "source")
+            dest_cmd += ["--key", os.path.join(tmp, "dest.key"),
+                         "--allow", os.path.join(tmp, "source.key_public")]
+            source_keys = ["--key", os.path.join(tmp, "source.key"),
+                           "--server-key", os.path.join(tmp, "dest.key_public")]
         if dest_cpu is not None:
             dest_cmd += ["--cpu", str(dest_cpu)]
         dest = subprocess.Popen(dest_cmd, stdin=subprocess.DEVNULL)
@@ -68,7 +80,7 @@ def run_demo(workload: str, memory: str | int, mode: str, *, seed: int = 0, ops:
             src_cmd = [sys.executable, "-m", "migrate", "source", "--to", endpoint,
                        "--workload", workload, "--memory", str(memory), "--mode", mode,
                        "--seed", str(seed), "--ops", str(ops), "--after", str(after),
-                       "--backing", backing, "--json"]
+                       "--backing", backing, "--json", *source_keys]
             if quiet:
                 src_cmd.append("--quiet")
             if source_cpu is not None:
@@ -83,6 +95,7 @@ def run_demo(workload: str, memory: str | int, mode: str, *, seed: int = 0, ops:
             dest.wait(timeout=60)
             report["daemon_exit"] = {"source": out.returncode, "dest": dest.returncode}
             report["cpus"] = {"source": source_cpu, "dest": dest_cpu}
+            report["curve"] = curve
             return report
         finally:
             if dest.poll() is None:
@@ -95,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = run_demo(args.workload, args.memory, args.mode, seed=args.seed, ops=args.ops,
                       after=args.after, backing=args.backing, pin=not args.no_pin,
-                      timeout=args.timeout, quiet=args.json)
+                      timeout=args.timeout, quiet=args.json, curve=args.curve)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -352,3 +352,11 @@ def test_a_region_larger_than_this_host_is_refused_not_started(tmp_path: Path) -
     finally:
         dest.kill()
         ctx.term()
+
+
+def test_demo_with_curve_keys() -> None:
+    from migrate.demo import run_demo
+
+    r = run_demo("kv", 16 * MIB, "hybrid", after=0.2, quiet=True, timeout=120, curve=True)
+    check_ok(r)
+    assert r["curve"] is True and r["daemon_exit"] == {"source": 0, "dest": 0}
