@@ -305,7 +305,10 @@ class Gatekeeper:
     def watch(self, sock: zmq.Socket, what: str) -> None:
         """Log handshakes on ``sock`` that fail before ZAP sees a key (a peer without CURVE, the
         wrong server key, garbage bytes). Call from the thread that owns ``sock``."""
-        events = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        # MONITOR_STOPPED (sent when ``sock`` closes) lets the watcher close its end: without
+        # it in the mask, every closed channel would leave a monitor socket (an fd) behind.
+        events = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_MONITOR_STOPPED)
         monitor = sock.get_monitor_socket(events)
         self._monitors.put((monitor, what))
 

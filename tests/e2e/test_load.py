@@ -76,11 +76,11 @@ def check_back_to_baseline(before: dict[str, int], after: dict[str, int], who: s
 
 
 class Dest:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *extra: str) -> None:
         ready = tmp / "dest.endpoint"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "migrate", "dest", "--listen", "tcp://127.0.0.1:*",
-             "--ready-file", str(ready), "--json", "--quiet"],
+             "--ready-file", str(ready), "--json", "--quiet", *extra],
             stdout=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while not ready.exists():
@@ -95,14 +95,14 @@ class Dest:
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def source_cmd(endpoint: str, workload: str, mode: str, memory: str = "16M") -> list[str]:
+def source_cmd(endpoint: str, workload: str, mode: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "migrate", "source", "--to", endpoint, "--workload", workload,
-            "--memory", memory, "--mode", mode, "--after", "0.2", "--json", "--quiet"]
+            "--memory", "16M", "--mode", mode, "--after", "0.2", "--json", "--quiet", *extra]
 
 
-def run_source(endpoint: str, workload: str, mode: str) -> dict[str, Any]:
-    out = subprocess.run(source_cmd(endpoint, workload, mode), capture_output=True, text=True,
-                         timeout=120, check=False)
+def run_source(endpoint: str, workload: str, mode: str, *extra: str) -> dict[str, Any]:
+    out = subprocess.run(source_cmd(endpoint, workload, mode, *extra), capture_output=True,
+                         text=True, timeout=120, check=False)
     return json.loads(out.stdout)
 
 
@@ -139,9 +139,11 @@ def test_four_guests_to_one_destination_at_once(tmp_path: Path) -> None:
 # The source side: one process, one thread, twenty migrations in a row.
 TWENTY_IN_A_ROW = r"""
 import json, sys, threading, psutil
-from migrate import source
+from migrate import keys, source, transport
 
-endpoint, count = sys.argv[1], int(sys.argv[2])
+endpoint, count, keydir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+pair = keys.load_secret(keydir + "/src.key")
+curve = transport.CurveKeys(pair.public, pair.secret, keys.load_public(keydir + "/dest.key_public"))
 plan = [("kv", "hybrid"), ("stream", "postcopy"), ("chase", "precopy"), ("sparse", "hybrid")]
 me = psutil.Process()
 out = {"reports": []}
@@ -153,7 +155,8 @@ def usage():
 def one(i):
     w, m = plan[i % len(plan)]
     return source.SourceMigration(source.SourceOptions(
-        to=endpoint, workload=w, mode=m, memory=16 << 20, after_s=0.1, progress=False)).run()
+        to=endpoint, workload=w, mode=m, memory=16 << 20, after_s=0.1, progress=False,
+        keys=curve)).run()
 
 def worker():
     out["warmup"] = one(0)
@@ -172,11 +175,20 @@ print(json.dumps(out))
 
 
 def test_twenty_migrations_in_a_row(tmp_path: Path) -> None:
-    dest = Dest(tmp_path)
+    """With CURVE keys, so the gatekeeper's per-migration state (a ZAP domain and a handshake
+    monitor per channel) is part of what must not accumulate."""
+    from migrate import keys
+
+    d = tmp_path / "keys"
+    keys.generate(d, "dest")
+    keys.generate(d, "src")
+    dest = Dest(tmp_path, "--key", str(d / "dest.key"), "--allow", str(d / "src.key_public"))
     try:
-        check_ok(run_source(dest.endpoint, "kv", "hybrid"))  # warm-up of the destination
+        check_ok(run_source(dest.endpoint, "kv", "hybrid", "--key", str(d / "src.key"),
+                            "--server-key", str(d / "dest.key_public")))  # warm-up
         before = settled(dest.ps)
-        out = subprocess.run([sys.executable, "-c", TWENTY_IN_A_ROW, dest.endpoint, "20"],
+        out = subprocess.run([sys.executable, "-c", TWENTY_IN_A_ROW, dest.endpoint, "20",
+                              str(d)],
                              capture_output=True, text=True, timeout=300, check=False)
         assert out.returncode == 0, out.stderr[-2000:]
         result = json.loads(out.stdout)
