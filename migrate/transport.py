@@ -27,6 +27,9 @@ from migrate import protocol
 from migrate.errors import MigrationError
 
 MAX_MESSAGE_BYTES = protocol.MAX_HEADER_BYTES + protocol.MAX_PAGES_PER_BATCH * 4096 + 4096
+# The listen port only ever carries HELLOs (well under 16 KiB even with every string at its
+# limit): a peer sending more there is disconnected by libzmq before the bytes are buffered.
+LISTEN_MAX_MESSAGE_BYTES = 64 << 10
 HIGH_WATER_MARK = 1000
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
@@ -150,6 +153,7 @@ def listen(ctx: zmq.Context, endpoint: str, keys: CurveKeys | None = None, *,
     require_keys_off_loopback(endpoint, keys, "listen on")
     sock = ctx.socket(zmq.ROUTER)
     _tune(sock)
+    sock.setsockopt(zmq.MAXMSGSIZE, LISTEN_MAX_MESSAGE_BYTES)
     if keys is not None:
         if not allowed:
             sock.close(linger=0)

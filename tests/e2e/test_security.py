@@ -271,7 +271,8 @@ def test_unkeyed_listen_port_flood_of_malformed_and_replayed_hellos(tmp_path: Pa
         replayer.connect(dest.endpoint)
         for _ in range(3):  # the exact frames of the session in flight
             replayer.send_multipart(first.hello)
-        messages = [first.hello, first.hello, *malformed_hellos(first.hello)]
+        messages = [first.hello, first.hello, *malformed_hellos(first.hello),
+                    [os.urandom(transport.LISTEN_MAX_MESSAGE_BYTES + 1)], [bytes(4 << 20)]]
         attacker = Attacker(dest, [], None, sessions=False, messages=messages)
         reports = [first.join()]
         second = RecordingSource(to=dest.endpoint, workload="sparse", memory=32 * MIB,
