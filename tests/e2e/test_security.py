@@ -228,9 +228,9 @@ def test_keyed_migration_refuses_strangers_and_plain_clients(tmp_path: Path) -> 
                               mode="postcopy", after_s=0.2, ops=15_000_000, peer_timeout_s=30,
                               keys=transport.CurveKeys(src.public, src.secret, dpub))
         deadline = time.monotonic() + 30
-        while run.hello is None:
+        while run.hello is None or run.migration.phase in ("start", "handshake"):
             assert time.monotonic() < deadline and run.thread.is_alive()
-            time.sleep(0.005)
+            time.sleep(0.001)
         messages = [run.hello, *malformed_hellos(run.hello), [os.urandom(4096)]]
         attacker = Attacker(dest, [stranger, rival], dpub, sessions=True, messages=messages)
         report = run.join()
@@ -240,6 +240,7 @@ def test_keyed_migration_refuses_strangers_and_plain_clients(tmp_path: Path) -> 
         if attacker is not None:
             attacker.stop.set()
         dest.kill()
+    assert report["ok"], f"{report.get('error')}; destination log:\n{dest.log()[-3000:]}"
     check_ok(report)
     assert code == 0 and len(reports) == 1 and reports[0]["ok"]
     assert attacker.sent > 50 and attacker.session_ports_seen, "the attack never happened"
@@ -263,7 +264,9 @@ def test_unkeyed_listen_port_flood_of_malformed_and_replayed_hellos(tmp_path: Pa
         first = RecordingSource(to=dest.endpoint, workload="kv", memory=32 * MIB, mode="hybrid",
                                 after_s=0.3, peer_timeout_s=30)
         deadline = time.monotonic() + 30
-        while first.hello is None:
+        # A replay comes after the original (the attacker has to see it first): wait for the
+        # WELCOME. Before that, whoever sends a session id first owns it (without keys).
+        while first.hello is None or first.migration.phase in ("start", "handshake"):
             assert time.monotonic() < deadline and first.thread.is_alive()
             time.sleep(0.001)
         replayer = ctx.socket(zmq.DEALER)
@@ -288,6 +291,7 @@ def test_unkeyed_listen_port_flood_of_malformed_and_replayed_hellos(tmp_path: Pa
         dest.kill()
         ctx.term()
     for report in reports:
+        assert report["ok"], f"{report.get('error')}; destination log:\n{dest.log()[-3000:]}"
         check_ok(report)
     assert code == 0 and len(dest_reports) == 2 and all(r["ok"] for r in dest_reports)
     assert attacker.sent > 50
