@@ -1,21 +1,24 @@
 """stack-growth: memory that appears as it is touched, page by page, downwards.
 
-Host: (1) a userfaultfd-registered region that a C thread touches from the top page down, the
-way a stack is used; every first touch is a fault this process serves, so the region grows one
-page per fault. (2) The kernel's own [stack] VMA of a child's main thread, sampled from
-/proc/self/maps while a C recursion deepens: it grows with the recursion; a recursion past
-RLIMIT_STACK kills the child with SIGSEGV. Sim: stack VMA growth through faults, and the
-stack_guard_gap refusing growth close to another mapping.
+Host: (1) a child process registers a region with a userfaultfd, hands the uffd to this process
+(SCM_RIGHTS, as a migrated guest does) and touches the region from the top page down, the way
+a stack is used; every first touch is a fault this process serves, so the child's region grows
+one page per fault (pagemap of the child before each fault). (2) The kernel's own [stack] VMA
+of a child's main thread, sampled from /proc/self/maps while a C recursion deepens: it grows
+with the recursion; a recursion past RLIMIT_STACK kills the child with SIGSEGV. Sim: stack VMA
+growth through faults, and the stack_guard_gap refusing growth close to another mapping.
 """
 
 from __future__ import annotations
 
+import json
 import resource
+import socket
 import time
 from typing import Any
 
 from migrate.lab.base import HostResult, Scenario, SimResult
-from migrate.lab.child import run_child
+from migrate.lab.child import Child, receive, run_child
 
 UFFD_PAGES = 64
 GROW_BYTES = 4 << 20
@@ -36,43 +39,69 @@ def child_stack_grow(total: int, frame: int, every: int) -> dict[str, Any]:
             "vma_size": [int(size[i]) for i in range(n)]}
 
 
-def _uffd_growth() -> dict[str, Any]:
+def child_uffd_grower(sock_fd: int, pages: int) -> dict[str, Any]:
+    """In a child: map a region, register it MISSING on a new userfaultfd, hand the uffd to the
+    parent (SCM_RIGHTS), then touch the pages top-down from C. Each first touch blocks until
+    the parent installs the page."""
     from migrate.memory import PAGE_SIZE, Region
-    from migrate.probe import Toucher
-    from migrate.uffd import PageFault, RegisterMode, Userfaultfd
+    from migrate.probe import touch_pages
+    from migrate.uffd import RegisterMode, Userfaultfd
 
-    with Userfaultfd.open() as uffd, Region.anonymous(UFFD_PAGES * PAGE_SIZE) as region:
-        uffd.register(region.address, region.size, RegisterMode.MISSING)
-        top_down = [region.page_address(i) for i in reversed(range(UFFD_PAGES))]
-        toucher = Toucher.start(top_down, write=True)
-        faults: list[int] = []
-        present_before: list[int] = []
-        deadline = time.monotonic() + 10
-        while not toucher.join(timeout=0):
-            for event in uffd.wait_events(timeout=0.05):
-                if isinstance(event, PageFault):
-                    page = event.address & ~(PAGE_SIZE - 1)
-                    present_before.append(sum(e.present for e in region.pagemap()))
-                    faults.append(page)
-                    uffd.copy(page, len(faults).to_bytes(4, "little") * (PAGE_SIZE // 4))
-            if time.monotonic() > deadline:
-                uffd.close()
-                toucher.join(timeout=5)
-                raise TimeoutError("the toucher was still blocked after 10 s")
-        present_after = sum(e.present for e in region.pagemap())
-        marks = [int.from_bytes(region.read(p - region.address, 4), "little") for p in top_down]
-        return {
-            "pages": UFFD_PAGES, "faults": len(faults),
-            "first_fault": hex(faults[0]) if faults else None,
-            "last_fault": hex(faults[-1]) if faults else None,
-            "descending_by_one_page": all(b == a - PAGE_SIZE for a, b in zip(faults, faults[1:],
-                                                                                strict=False)),
-            "fault_order_is_touch_order": faults == top_down,
-            "present_before_each_fault_head": present_before[:8],
-            "present_grew_one_per_fault": present_before == list(range(len(faults))),
-            "present_after": present_after,
-            "page_contents_are_fault_numbers": marks == list(range(1, UFFD_PAGES + 1)),
-        }
+    sock = socket.socket(fileno=sock_fd)
+    region = Region.anonymous(pages * PAGE_SIZE)
+    uffd = Userfaultfd.open()
+    uffd.register(region.address, region.size, RegisterMode.MISSING)
+    socket.send_fds(sock, [json.dumps({"address": region.address}).encode()], [uffd.fileno()])
+    receive()  # the parent is ready to serve
+    top_down = [region.page_address(i) for i in reversed(range(pages))]
+    touch_pages(top_down, write=True)  # C, GIL released; the parent serves each fault
+    marks = [int.from_bytes(region.read(a - region.address, 4), "little") for a in top_down]
+    return {"marks": marks, "present": sum(e.present for e in region.pagemap())}
+
+
+def _uffd_growth() -> dict[str, Any]:
+    from migrate.memory import PAGE_SIZE, pagemap
+    from migrate.uffd import PageFault, Userfaultfd
+
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    child = Child("migrate.lab.stack_growth:child_uffd_grower",
+                  {"sock_fd": theirs.fileno(), "pages": UFFD_PAGES}, pass_fds=(theirs.fileno(),))
+    theirs.close()
+    faults: list[int] = []
+    present_before: list[int] = []
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(mine, 4096, 1)
+        base = json.loads(msg)["address"]
+        top_down = [base + i * PAGE_SIZE for i in reversed(range(UFFD_PAGES))]
+        with Userfaultfd.adopt(fds[0]) as uffd:
+            child.send({"go": True})
+            deadline = time.monotonic() + 10
+            while len(faults) < UFFD_PAGES:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {len(faults)} of {UFFD_PAGES} faults in 10 s")
+                for event in uffd.wait_events(timeout=0.05):
+                    if isinstance(event, PageFault):
+                        page = event.address & ~(PAGE_SIZE - 1)
+                        present_before.append(sum(
+                            e.present for e in pagemap(child.proc.pid, base, UFFD_PAGES)))
+                        faults.append(page)
+                        uffd.copy(page, len(faults).to_bytes(4, "little") * (PAGE_SIZE // 4))
+            res = child.finish(timeout=30)
+    finally:
+        child.kill()
+        mine.close()
+    marks = (res.result or {}).get("marks", [])
+    present_after = (res.result or {}).get("present")
+    return {
+        "pages": UFFD_PAGES, "faults": len(faults), "child_pid": child.proc.pid,
+        "first_fault": hex(faults[0]) if faults else None,
+        "last_fault": hex(faults[-1]) if faults else None,
+        "fault_order_is_touch_order": faults == top_down,
+        "present_before_each_fault_head": present_before[:8],
+        "present_grew_one_per_fault": present_before == list(range(len(faults))),
+        "present_after": present_after,
+        "child_saw_fault_numbers": marks == list(range(1, UFFD_PAGES + 1)),
+    }
 
 
 def host() -> HostResult:
@@ -100,12 +129,12 @@ def host() -> HostResult:
               "child_returncode": crash.returncode}
     ev = {"uffd_region": uffd, "kernel_stack": stack, "beyond_rlimit": beyond}
     ok = bool(uffd["faults"] == UFFD_PAGES and uffd["fault_order_is_touch_order"]
-          and uffd["present_grew_one_per_fault"] and uffd["present_after"] == UFFD_PAGES
-          and uffd["page_contents_are_fault_numbers"]
+          and uffd["present_grew_one_per_fault"] and uffd["child_saw_fault_numbers"]
+          and uffd["present_after"] == UFFD_PAGES
           and bool(sizes) and stack["monotonic"] and stack["covers_depth"]
           and sizes[-1] > sizes[0] and sizes[-1] >= GROW_BYTES * 3 // 4
           and crash.signal == "SIGSEGV")
-    summary = (f"uffd region grew 1 page per fault, {uffd['faults']} faults top-down; "
+    summary = (f"child's uffd region grew 1 page per fault, {uffd['faults']} faults top-down; "
                f"[stack] VMA {stack['vma_size_first']} -> {stack['vma_size_last']} bytes as the "
                f"recursion reached {stack['depth_last']} bytes; past RLIMIT_STACK the child got "
                f"{crash.signal}")
