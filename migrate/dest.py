@@ -47,6 +47,7 @@ SWEEP_IDLE_S = 1.0  # bulk quiet this long in post-copy with pages missing: ask 
 SWEEP_PAGES = 256  # at most this many missing pages requested per sweep
 REPEAT_S = 1.0  # COMPLETE / REPORT repeated at this period until answered
 REPORT_REPEATS = 5
+DEFAULT_RESUME_TIMEOUT_S = 60.0  # how long a source with a snapshot may take to come back
 
 
 @dataclass
@@ -56,6 +57,7 @@ class DestOptions:
     allowed_clients: list[bytes] | None = None
     cpu: int | None = None
     peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+    resume_timeout_s: float = DEFAULT_RESUME_TIMEOUT_S
     verify_reference: bool = True
     fault_around: int = FAULT_AROUND
     max_migrations: int | None = None
@@ -84,6 +86,8 @@ class SessionReport:
     reference_digest: str = ""
     guest_ops: int = 0
     postcopy_s: float = 0.0
+    snapshot: bool = False  # the source announced a snapshot on disk
+    source_restarts: int = 0  # sources that resumed the session from the snapshot
     retries: int = 0  # fault requests sent again because no reply came
     swept: int = 0  # missing pages asked for by the sweep
 
@@ -100,7 +104,8 @@ class SessionReport:
             "transfer_ok": self.transfer_ok, "digest": self.digest,
             "reference_digest": self.reference_digest, "guest_ops": self.guest_ops,
             "postcopy_s": round(self.postcopy_s, 4), "retries": self.retries,
-            "swept": self.swept,
+            "swept": self.swept, "snapshot": self.snapshot,
+            "source_restarts": self.source_restarts,
         }
 
 
@@ -132,6 +137,11 @@ class DestSession:
         self.finished = False
         self.last_sent = time.monotonic()
         self.push_done = False
+        self.pushed_messages = 0  # PUSH batches received: the source is pushing
+        self.reference_thread: threading.Thread | None = None
+        self.reference_result: str | BaseException | None = None
+        self.snapshot_digest = ""  # the source announced a snapshot: it can be restarted
+        self.waiting_for_resume = False
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -361,22 +371,24 @@ class DestSession:
             if uffd_fd in ready:
                 self._on_faults()
             if urgent in ready:
-                self.last_heard = now
+                # Readiness alone proves nothing (a dropped connection can wake the poller):
+                # only a message received counts as word from the source.
                 while not self.finished:
                     try:
                         frames = transport.recv_frames(urgent, flags=zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                    self.last_heard = now
                     self.urgent_arrival_ns = time.monotonic_ns()
                     self._on_urgent(self.conn.receive(frames))
             if bulk in ready:
-                self.last_heard = last_bulk = now
                 # One bulk message per turn: a fault reply never waits behind more than one.
                 try:
                     frames = transport.recv_frames(bulk, flags=zmq.NOBLOCK)
                 except zmq.Again:
                     frames = None
                 if frames is not None:
+                    self.last_heard = last_bulk = now
                     self._on_bulk(self.conn.receive(frames))
             if guest_fd in ready:
                 for msg in self.guest.poll_messages():
@@ -400,12 +412,30 @@ class DestSession:
                 self.report_sent_at = now
                 self._send(self.urgent, protocol.Report(self.report.as_dict()))
             return
-        if not self.conn.finished and now - self.last_heard > timeout_s:
-            raise MigrationError(self.report.phase,
-                                 f"no word from the source for {timeout_s:.0f} s")
+        silent = now - self.last_heard
+        if not self.conn.finished and silent > timeout_s:
+            if not self.snapshot_digest:
+                raise MigrationError(
+                    self.report.phase,
+                    f"no word from the source for {timeout_s:.0f} s and it announced no "
+                    f"snapshot: the pages still at the source are lost, so the guest cannot "
+                    f"continue and is stopped")
+            if silent > timeout_s + self.opts.resume_timeout_s:
+                raise MigrationError(
+                    self.report.phase,
+                    f"the source has been silent for {silent:.0f} s and no source resumed from "
+                    f"its snapshot within {self.opts.resume_timeout_s:.0f} s; the guest is "
+                    f"stopped")
+            if not self.waiting_for_resume:
+                self.waiting_for_resume = True
+                self.daemon.log(f"the source is silent; waiting up to "
+                                f"{self.opts.resume_timeout_s:.0f} s for a source to resume "
+                                f"from its snapshot")
         if not self.guest.alive():
             raise MigrationError(self.report.phase, "the guest died")
-        if now - self.last_sent >= PING_AFTER_S and not self.conn.finished:
+        # Keep pinging after VERIFIED too: the source waits for our REPORT while the guest
+        # finishes its workload, and must be able to tell that wait from a dead destination.
+        if now - self.last_sent >= PING_AFTER_S and self.conn.state is not protocol.State.FAILED:
             self._send(self.urgent, protocol.Ping(time.monotonic_ns()))
         if self.report.phase == "postcopy":
             retry_ns = int(REQUEST_RETRY_S * 1e9)
@@ -415,11 +445,16 @@ class DestSession:
                     self.pending[index] = (req, first_ns, now_ns)
                     self.report.retries += 1
                     self._request(index, req)
-            if now - last_bulk >= SWEEP_IDLE_S and self.present_count < self.npages:
+            # Sweep only where pages were lost: after PUSH_DONE, or when a push that had begun
+            # went quiet (a dropped connection). Without push (demand only) nothing is swept.
+            stalled = self.pushed_messages and now - last_bulk >= SWEEP_IDLE_S
+            if (self.push_done or stalled) and self.present_count < self.npages:
                 self._sweep_missing()
         if self.completed_sent and not self.report.source_digest:
             if now - self.complete_at >= REPEAT_S:
                 self._send_complete()
+        if self.reference_thread is not None and not self.reference_thread.is_alive():
+            self._finish_if_done()
 
     def _sweep_missing(self) -> None:
         """Ask for pages nobody faulted on that have not arrived: pushes lost with a dropped
@@ -492,6 +527,25 @@ class DestSession:
                 self.report.transfer_ok = (msg.match
                                            and msg.source_digest == self.report.received_digest)
                 self._finish_if_done()
+        elif t == MsgType.SNAPSHOTTED:
+            assert isinstance(msg, protocol.Snapshotted)
+            self.snapshot_digest = msg.digest
+            self.report.snapshot = True
+        elif t == MsgType.RESUME:
+            assert isinstance(msg, protocol.Resume)
+            if msg.session != self.hello.session:
+                raise ProtocolError("RESUME names another session")
+            self.waiting_for_resume = False
+            self.report.source_restarts += 1
+            self.daemon.log("a source resumed the session from its snapshot")
+            transport.send_frames(self.urgent, self.conn.send(
+                protocol.ResumeAck(self.npages, bytes(self.present))))
+            now_ns = time.monotonic_ns()
+            for index, (req, first_ns, _sent) in list(self.pending.items()):
+                self.pending[index] = (req, first_ns, now_ns)
+                self._request(index, req)  # asked of the old source: ask the new one
+            if self.completed_sent and not self.report.source_digest:
+                self._send_complete()
         elif t == MsgType.ERROR:
             assert isinstance(msg, protocol.Error)
             raise MigrationError(msg.phase, f"the source reported: {msg.message}")
@@ -506,6 +560,8 @@ class DestSession:
         t = msg.TYPE
         if t == MsgType.PAGES:
             assert isinstance(msg, protocol.Pages)
+            if msg.kind == Batch.PUSH:
+                self.pushed_messages += 1
             self.install(msg, wake=self.report.phase == "postcopy")
             self.bulk_seq = msg.seq
             self._send(self.bulk, protocol.Ack(msg.seq))
@@ -564,6 +620,16 @@ class DestSession:
         self._send(self.urgent, protocol.Complete(self.npages, self.report.received_digest,
                                                   self.hashes.tobytes()))
 
+    def _compute_reference(self) -> None:
+        from migrate import workloads
+
+        w = self.report.workload
+        try:
+            self.reference_result = workloads.reference_digest(
+                w["name"], w["size"], seed=w["seed"], ops=w["ops"])
+        except Exception as exc:  # reported by the session loop as a verify failure
+            self.reference_result = exc
+
     def _finish_if_done(self) -> None:
         """Once the transfer is verified and the guest has finished: final digests, REPORT
         (repeated until the source says BYE, a few times at most)."""
@@ -573,11 +639,19 @@ class DestSession:
         self.report.digest = self.guest_done["digest"]
         self.report.guest_ops = self.guest_done["ops"]
         if self.opts.verify_reference:
-            from migrate import workloads
-
-            w = self.report.workload
-            self.report.reference_digest = workloads.reference_digest(
-                w["name"], w["size"], seed=w["seed"], ops=w["ops"])
+            # The reference run can take seconds (it is the whole workload, unless cached): it
+            # runs in a thread (the C workload releases the GIL) while this loop keeps pinging.
+            if self.reference_thread is None:
+                self.reference_thread = threading.Thread(target=self._compute_reference,
+                                                         name="reference-run", daemon=True)
+                self.reference_thread.start()
+                return
+            if self.reference_thread.is_alive():
+                return
+            if isinstance(self.reference_result, BaseException):
+                raise MigrationError("verify", f"the reference run failed: "
+                                               f"{self.reference_result}")
+            self.report.reference_digest = str(self.reference_result)
             reference_ok = self.report.digest == self.report.reference_digest
         else:
             reference_ok = True
@@ -704,6 +778,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-file", default=None,
                         help="write the bound endpoint to this file once listening")
     parser.add_argument("--quiet", action="store_true", help="no log lines on stderr")
+    parser.add_argument("--peer-timeout", type=float, default=DEFAULT_PEER_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="a source silent this long is gone (default %(default)s s)")
+    parser.add_argument("--resume-timeout", type=float, default=DEFAULT_RESUME_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="after that, how long to wait for a source to resume from its "
+                             "snapshot, if it announced one (default %(default)s s)")
     parser.add_argument("--key", default=None,
                         help="this daemon's CURVE secret key file (NAME.key from migrate keygen); "
                              "required unless --listen is on loopback")
@@ -729,7 +810,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     opts = DestOptions(listen=args.listen, cpu=args.cpu, max_migrations=args.count,
                        verify_reference=not args.no_reference, json_reports=args.json,
-                       quiet=args.quiet, keys=curve, allowed_clients=allowed)
+                       quiet=args.quiet, keys=curve, allowed_clients=allowed,
+                       peer_timeout_s=args.peer_timeout, resume_timeout_s=args.resume_timeout)
     daemon = DestDaemon(opts)
     if args.ready_file:
         tmp = args.ready_file + ".tmp"

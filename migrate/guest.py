@@ -85,8 +85,25 @@ def discard_runs(indexes: array) -> list[tuple[int, int]]:
 # The guest process
 
 
+def _die_with_parent(parent: int) -> None:
+    """A guest never outlives its daemon: a source guest stopped for switchover would otherwise
+    linger (and be woken by the kernel's orphaned-group SIGCONT), a destination guest would hang
+    in a fault nobody serves."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:  # the daemon died before the prctl took effect
+        os._exit(1)
+
+
 def _guest_main(args: argparse.Namespace) -> int:
     from migrate import memory, uffd, workloads
+
+    if args.parent:
+        _die_with_parent(args.parent)
 
     sock = socket.socket(fileno=args.control_fd)
     size = args.memory
@@ -184,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", default="kv")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ops", type=int, default=0, help="0: the workload's default for the size")
+    parser.add_argument("--parent", type=int, default=0, help="daemon pid: die when it dies")
     args = parser.parse_args(argv)
     try:
         return _guest_main(args)
@@ -219,7 +237,7 @@ class GuestHandle:
         cmd = [sys.executable, "-m", "migrate.guest", "--role", role,
                "--control-fd", str(child.fileno()), "--memory", str(memory),
                "--backing", backing, "--workload", workload, "--seed", str(seed),
-               "--ops", str(ops)]
+               "--ops", str(ops), "--parent", str(os.getpid())]
         self.role = role
         policy = os.environ.get("MIGRATE_GUEST_SCHED", "")
 

@@ -56,6 +56,9 @@ class MsgType(enum.IntEnum):
     BYE = 14
     REPORT = 15
     PING = 16
+    SNAPSHOTTED = 17
+    RESUME = 18
+    RESUME_ACK = 19
 
 
 class Batch(enum.IntEnum):
@@ -316,10 +319,45 @@ class Ping(Message):
     _schema = {"t_ns": _u()}
 
 
+@dataclass(frozen=True)
+class Snapshotted(Message):
+    """Source -> dest (urgent): the paused region is safely on disk; if this source dies, a new
+    one can resume the session from the snapshot, so the destination should wait for it."""
+
+    TYPE = MsgType.SNAPSHOTTED
+    digest: str
+    _schema = {"digest": ("str", MAX_STRING)}
+
+
+@dataclass(frozen=True)
+class Resume(Message):
+    """Source -> dest (urgent): a restarted source takes over ``session`` from its snapshot."""
+
+    TYPE = MsgType.RESUME
+    session: bytes
+    _schema = {"session": ("session", None)}
+
+
+@dataclass(frozen=True)
+class ResumeAck(Message):
+    """Dest -> source (urgent): which pages the destination already holds (``data``: one byte per
+    page, 1 = present), so the new source sends only the rest."""
+
+    TYPE = MsgType.RESUME_ACK
+    HAS_DATA = True
+    pages: int
+    data: Any = field(default=b"", compare=False, repr=False)
+    _schema = {"pages": _u(32)}
+
+    def present(self) -> bytes:
+        return bytes(self.data.buffer if hasattr(self.data, "buffer") else self.data)
+
+
 MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, Refuse, Pages, RoundEnd, Ack, Switchover, Resumed, Request,
-                PushDone, Complete, Verified, Error, Bye, Report, Ping)
+                PushDone, Complete, Verified, Error, Bye, Report, Ping, Snapshotted, Resume,
+                ResumeAck)
 }
 
 
@@ -379,6 +417,14 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
         msg = Pages(**values)
         _check_pages(msg, limits)
         return msg
+    if cls is ResumeAck:
+        present = frames[1].bytes if hasattr(frames[1], "bytes") else bytes(frames[1])
+        if values["pages"] != limits.npages or len(present) != limits.npages:
+            raise ProtocolError(f"RESUME_ACK: {values['pages']} pages, {len(present)} flags, "
+                                f"for a region of {limits.npages} pages")
+        if present and max(present) > 1:
+            raise ProtocolError("RESUME_ACK: present flags must be 0 or 1")
+        values["data"] = present
     if cls is Complete:
         size = _frame_len(frames[1])
         if size != 8 * limits.npages or values["pages"] != limits.npages:
@@ -547,6 +593,11 @@ for _mtype in (MsgType.PAGES, MsgType.PUSH_DONE):
 for _state in (*_ANY_LIVE, State.DONE):
     for _side in Side:
         TRANSITIONS[(_state, _side, MsgType.PING)] = _state
+for _state in (State.SWITCHING, State.POSTCOPY, State.COMPLETING, State.DONE):
+    TRANSITIONS[(_state, S, MsgType.SNAPSHOTTED)] = _state
+for _state in (State.POSTCOPY, State.COMPLETING):
+    TRANSITIONS[(_state, S, MsgType.RESUME)] = _state
+    TRANSITIONS[(_state, D, MsgType.RESUME_ACK)] = _state
 
 
 class Connection:
@@ -561,6 +612,13 @@ class Connection:
         self.hello: Hello | None = None
         self.welcome: Welcome | None = None
         self.features: frozenset[str] = frozenset()
+
+    @classmethod
+    def resumed(cls, side: Side, limits: Limits, state: State = State.POSTCOPY) -> "Connection":
+        """A connection taking over a session mid-way (a source restarted from a snapshot)."""
+        conn = cls(side)
+        conn.state, conn.limits = state, limits
+        return conn
 
     def __repr__(self) -> str:
         return f"<Connection {self.side.value} {self.state.value}>"

@@ -37,6 +37,7 @@ from migrate import digest, memory, protocol, transport, uffd, workloads
 from migrate.errors import MigrateError, MigrationError, ProtocolError
 from migrate.guest import GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
+from migrate.snapshot import Snapshot, SnapshotError, SnapshotWriter
 from migrate.stats import LatencyRecorder, Stopwatch
 
 PRECOPY_BATCH_PAGES = 256  # 1 MiB of 4 KiB pages per bulk message
@@ -63,6 +64,8 @@ class SourceOptions:
     progress: bool = True
     push: bool = True  # background push in post-copy (off: pure demand paging, for diagnosis)
     on_failure: str = "resume"  # "resume": a guest the destination never ran finishes here
+    snapshot_dir: str | None = None  # write the paused region here once the destination runs it
+    resume_dir: str | None = None  # take over a session from this snapshot (a restarted source)
     local_finish_timeout_s: float = 600.0
 
 
@@ -109,6 +112,9 @@ class SourceMigration:
         self.acked = 0
         self.last_sent = time.monotonic()
         self.paused = False  # the guest is stopped here for the switchover
+        self.snapshot: Snapshot | None = None  # serving from disk (a restarted source)
+        self.snapshot_writer: SnapshotWriter | None = None
+        self.snapshot_announced = False
         self.dest_running = False  # the destination said RESUMED: its copy is the guest now
         self.bytes_sent = 0
         self.counts = {"precopy": 0, "final": 0, "pushed": 0, "demand": 0, "zero": 0}
@@ -145,17 +151,13 @@ class SourceMigration:
     def _read_pages(self, indexes: list[int] | range, present: bool | None = None
                     ) -> tuple[bytes, bytes]:
         """(zero flags, data of the non-zero pages) for ``indexes`` of the guest's region."""
-        assert self.guest is not None
         page = self.page
         n = len(indexes)
         buf = bytearray(n * page)
-        base = self.base
         if isinstance(indexes, range) and indexes.step == 1:
-            got = len(memory.read_process(self.guest.pid, base + indexes.start * page, n * page,
-                                          into=buf))
+            got = self._read_range(indexes.start, n, buf)
         else:
-            got = memory.read_process_pages(self.guest.pid, [base + i * page for i in indexes],
-                                            page, buf)
+            got = self._read_list(list(indexes), buf)
         if got != n * page:
             raise MigrationError(self.phase, f"read {got} of {n * page} bytes of the guest's "
                                  f"pages starting at index {indexes[0]}")
@@ -167,6 +169,24 @@ class SourceMigration:
         view = memoryview(buf)
         data = b"".join(view[i * page:(i + 1) * page] for i in range(n) if not zero[i])
         return zero, data
+
+    def _read_range(self, first: int, count: int, buf: bytearray) -> int:
+        """Pages first..first+count of the region into ``buf``: from the (paused) guest, or from
+        the snapshot when this source was restarted from one. Returns bytes read."""
+        if self.snapshot is not None:
+            return self.snapshot.read_range(first, count, buf)
+        assert self.guest is not None
+        page = self.page
+        return len(memory.read_process(self.guest.pid, self.base + first * page, count * page,
+                                       into=buf))
+
+    def _read_list(self, indexes: list[int], buf: bytearray) -> int:
+        if self.snapshot is not None:
+            return self.snapshot.read_list(indexes, buf)
+        assert self.guest is not None
+        page, base = self.page, self.base
+        return memory.read_process_pages(self.guest.pid, [base + i * page for i in indexes],
+                                         page, buf)
 
     def _send_pages(self, sock: zmq.Socket, kind: Batch, indexes: list[int] | range, *,
                     request: int = 0, round: int = 0, known_zero: bool = False) -> None:
@@ -200,6 +220,8 @@ class SourceMigration:
     # -- phases -----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        if self.opts.resume_dir:
+            return self._run_resumed()
         clock = Stopwatch()
         try:
             self._start_guest()
@@ -218,6 +240,49 @@ class SourceMigration:
             report = self._failed(exc)
             report["guest_at_source"] = self._recover_at_source()
             return report
+        finally:
+            self.progress.done()
+            self._cleanup()
+
+    def _run_resumed(self) -> dict[str, Any]:
+        """Take over a post-copy session from a snapshot left by a source that died."""
+        clock = Stopwatch()
+        try:
+            self.phase = "resume"
+            snap = self.snapshot = Snapshot(self.opts.resume_dir)
+            st = snap.state
+            o = self.opts
+            o.workload, o.mode, o.backing = st["workload"]["name"], st["mode"], st["backing"]
+            o.seed, o.memory = st["workload"]["seed"], st["workload"]["size"]
+            self.total_ops = st["workload"]["ops"]
+            self.paused_ops = st.get("ops_at_switchover", 0)
+            self.page, self.npages, self.base = snap.page_size, snap.npages, 0
+            self.session = bytes.fromhex(st["session"])
+            self.ctx = transport.make_context(o.cpu)
+            self.urgent = transport.connect(self.ctx, st["urgent"], o.keys)
+            self.bulk = transport.connect(self.ctx, st["bulk"], o.keys)
+            self.sockets += [self.urgent, self.bulk]
+            self.conn = protocol.Connection.resumed(
+                protocol.Side.SOURCE, protocol.Limits(npages=self.npages, page_size=self.page))
+            self._send(self.urgent, protocol.Resume(self.session))
+            ack = self._recv(self.urgent)
+            while not isinstance(ack, protocol.ResumeAck):
+                if isinstance(ack, protocol.Error):
+                    raise MigrationError(ack.phase, f"the destination reported: {ack.message}")
+                ack = self._recv(self.urgent)  # requests sent before our RESUME: asked again later
+            self.valid = bytearray(ack.present())
+            self.dest_running = True
+            self.downtime_ns = self.resume_ns = 0
+            self.discarded = 0
+            self.migration_clock = Stopwatch()
+            self.phase = "postcopy"
+            self._postcopy()
+            self.phase = "verify"
+            report = self._verify(clock)
+            report["resumed_from_snapshot"] = str(self.opts.resume_dir)
+            return report
+        except (MigrateError, OSError, zmq.ZMQError, SnapshotError) as exc:
+            return self._failed(exc)
         finally:
             self.progress.done()
             self._cleanup()
@@ -255,8 +320,9 @@ class SourceMigration:
         control = transport.connect(self.ctx, o.to, o.keys, handshake_timeout=o.peer_timeout_s)
         self.sockets.append(control)
         size = self.npages * self.page
+        self.session = transport.session_id()
         hello = protocol.Hello(
-            protocol.PROTOCOL_VERSION, transport.session_id(), self.page, self.npages,
+            protocol.PROTOCOL_VERSION, self.session, self.page, self.npages,
             o.backing, o.mode,
             {"name": o.workload, "size": size, "seed": o.seed, "ops": self.total_ops},
             ["fault-around", "zero-flag", "discard"], digest.DIGEST_ALGORITHM)
@@ -267,6 +333,7 @@ class SourceMigration:
         assert isinstance(reply, protocol.Welcome)
         self.urgent = transport.connect(self.ctx, reply.urgent_endpoint, o.keys)
         self.bulk = transport.connect(self.ctx, reply.bulk_endpoint, o.keys)
+        self.endpoints = (reply.urgent_endpoint, reply.bulk_endpoint)
         self.sockets += [self.urgent, self.bulk]
 
     def _precopy(self) -> None:
@@ -375,9 +442,35 @@ class SourceMigration:
             raise MigrationError(reply.phase, f"the destination reported: {reply.message}")
         assert isinstance(reply, protocol.Resumed)
         self.dest_running = True
+        if self.opts.snapshot_dir:
+            self._start_snapshot()
         self.downtime_ns = time.monotonic_ns() - t_pause
         self.resume_ns = reply.resume_ns
         self.switch_clock = Stopwatch()
+
+    def _start_snapshot(self) -> None:
+        o = self.opts
+        state = {"session": self.session.hex(), "urgent": self.endpoints[0],
+                 "bulk": self.endpoints[1], "mode": o.mode, "backing": o.backing,
+                 "workload": {"name": o.workload, "size": self.npages * self.page,
+                              "seed": o.seed, "ops": self.total_ops},
+                 "ops_at_switchover": self.paused_ops}
+        self.snapshot_writer = SnapshotWriter(o.snapshot_dir, self.npages, self.page,
+                                              self._read_range, state)
+        self.snapshot_writer.start()
+
+    def _announce_snapshot(self) -> None:
+        """Tell the destination once the snapshot is on disk (it then waits for a restarted
+        source instead of declaring the guest lost)."""
+        w = self.snapshot_writer
+        if w is None or self.snapshot_announced or w.is_alive():
+            return
+        self.snapshot_announced = True
+        if w.error is not None:
+            print(f"[source] snapshot failed: {w.error}", file=sys.stderr, flush=True)
+            return
+        assert w.digest is not None
+        self._send(self.urgent, protocol.Snapshotted(w.digest))
 
     def _postcopy(self) -> None:
         """Serve faults first; push the rest between them; until the destination has it all."""
@@ -436,6 +529,7 @@ class SourceMigration:
                                          f"{self.opts.peer_timeout_s:.0f} s")
                 if now - self.last_sent >= 1.0:
                     self._send(self.urgent, protocol.Ping(time.monotonic_ns()))
+            self._announce_snapshot()
             self.progress.update("postcopy", f"{n - valid.count(0):,}/{n:,} pages at the "
                                  f"destination, {self.requests:,} faults served")
 
@@ -473,7 +567,6 @@ class SourceMigration:
 
     def _verify(self, clock: Stopwatch) -> dict[str, Any]:
         """Compare the destination's received digest with the paused region; final report."""
-        assert self.guest is not None
         source_hashes = self._region_hashes()
         source_digest = digest.digest_of_hashes(source_hashes)
         received = self.complete.hash_array()
@@ -497,18 +590,17 @@ class SourceMigration:
         return self._report(source_digest, match)
 
     def _region_hashes(self) -> array:
-        assert self.guest is not None
+        if self.snapshot is not None:
+            return self.snapshot.hashes
         page, n = self.page, self.npages
         chunk = 4096
         hashes = array("Q")
         buf = bytearray(chunk * page)
         for first in range(0, n, chunk):
             count = min(chunk, n - first)
-            view = memory.read_process(self.guest.pid, self.base + first * page, count * page,
-                                       into=buf)
-            if len(view) != count * page:
+            if self._read_range(first, count, buf) != count * page:
                 raise MigrationError("verify", f"short read of the paused region at page {first}")
-            hashes.extend(digest.page_hashes(view, page))
+            hashes.extend(digest.page_hashes(memoryview(buf)[:count * page], page))
         return hashes
 
     def _report(self, source_digest: str, match: bool) -> dict[str, Any]:
@@ -608,6 +700,10 @@ class SourceMigration:
             self.guest.close()
         if self.fd is not None:
             self.fd.close()
+        if self.snapshot_writer is not None and self.snapshot_writer.is_alive():
+            self.snapshot_writer.join(60)  # the guest is gone; finish what is being written
+        if self.snapshot is not None:
+            self.snapshot.close()
         if getattr(self, "scanner", None) is not None:
             self.scanner.close()
         for sock in self.sockets:
@@ -617,7 +713,13 @@ class SourceMigration:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--to", required=True, help="destination daemon, tcp://HOST:PORT")
+    parser.add_argument("--to", default=None, help="destination daemon, tcp://HOST:PORT")
+    parser.add_argument("--snapshot", default=None, metavar="DIR",
+                        help="once the destination runs the guest, write the paused region and "
+                             "the session to DIR, so a restarted source can finish the migration")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="finish a post-copy migration from the snapshot in DIR (after the "
+                             "first source died); the destination and workload come from it")
     parser.add_argument("--workload", default="kv", choices=sorted(workloads.WORKLOADS))
     parser.add_argument("--memory", default="512M", help="guest region size (e.g. 512M, 1G)")
     parser.add_argument("--seed", type=int, default=0)
@@ -630,6 +732,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", type=int, default=None, help="pin the daemon and its guest")
     parser.add_argument("--json", action="store_true", help="print the final report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="a destination silent this long is gone (default %(default)s s)")
     parser.add_argument("--no-push", action="store_true",
                         help="post-copy by demand faults only, no background push")
     parser.add_argument("--key", default=None,
@@ -651,15 +755,21 @@ def run(args: argparse.Namespace) -> int:
             pair = keyfiles.load_secret(args.key)
             curve = transport.CurveKeys(pair.public, pair.secret,
                                         keyfiles.load_public(args.server_key))
+        if args.resume:
+            args.to = Snapshot(args.resume).state["urgent"]
+        elif args.to is None:
+            raise ValueError("--to tcp://HOST:PORT is required (or --resume DIR)")
         transport.require_keys_off_loopback(args.to, curve, "connect to")
-    except (keyfiles.KeyFileError, ValueError) as exc:
+    except (keyfiles.KeyFileError, ValueError, SnapshotError) as exc:
         print(f"migrate source: {exc}", file=sys.stderr)
         return 2
     opts = SourceOptions(to=args.to, workload=args.workload,
                          memory=workloads.parse_size(args.memory), seed=args.seed, ops=args.ops,
                          mode=args.mode, after_s=args.after, backing=args.backing,
                          max_rounds=args.rounds, cpu=args.cpu, progress=not args.quiet,
-                         push=not args.no_push, keys=curve)
+                         push=not args.no_push, keys=curve, snapshot_dir=args.snapshot,
+                         peer_timeout_s=args.peer_timeout,
+                         resume_dir=args.resume)
     report = SourceMigration(opts).run()
     if args.json:
         print(json.dumps(report, indent=2))

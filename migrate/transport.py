@@ -238,13 +238,26 @@ def _await_handshake(monitor: zmq.Socket, timeout_s: float) -> str | None:
                 "CURVE)")
 
 
-def send_frames(sock: zmq.Socket, frames: Sequence[Any], *, flags: int = 0) -> None:
-    """Send one message. Headers are small and copied; a page data frame goes without a copy."""
+def send_frames(sock: zmq.Socket, frames: Sequence[Any], *, flags: int = 0) -> bool:
+    """Send one message without ever blocking. Headers are small and copied; a large page data
+    frame goes without a copy.
+
+    A bound DEALER with no connected peer (the peer died, or the link is down and the connection
+    was dropped) would block a send forever; here the message is dropped instead and False is
+    returned. The protocol recovers what matters: fault requests are re-sent, missing pages are
+    swept, COMPLETE and REPORT are repeated, and a peer silent past the deadline is a failure."""
     last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        more = zmq.SNDMORE if i < last else 0
+    try:
+        sock.send(frames[0], flags | zmq.NOBLOCK | (zmq.SNDMORE if last else 0),
+                  copy=not (not isinstance(frames[0], bytes) or len(frames[0]) > 8192))
+    except zmq.Again:
+        return False
+    # Once the first part is queued the rest of a multipart message always is too.
+    for i in range(1, last + 1):
+        frame = frames[i]
         big = not isinstance(frame, bytes) or len(frame) > 8192
-        sock.send(frame, flags | more, copy=not big)
+        sock.send(frame, flags | (zmq.SNDMORE if i < last else 0), copy=not big)
+    return True
 
 
 def recv_frames(sock: zmq.Socket, *, flags: int = 0) -> list[Any]:

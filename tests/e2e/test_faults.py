@@ -1,0 +1,172 @@
+"""What happens when a daemon or the link fails mid-migration (see README, "Guarantees")."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from migrate import source
+from migrate.check import capabilities
+
+MIB = 1 << 20
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _need_migration_features() -> None:
+    caps = capabilities()
+    u = caps.get("userfaultfd") or {}
+    if not u.get("available"):
+        pytest.skip(f"userfaultfd unavailable: {u.get('error')}")
+    if not caps.get("pagemap_scan"):
+        pytest.skip("PAGEMAP_SCAN unavailable (needed for dirty tracking)")
+
+
+def start_dest(tmp_path: Any, *extra: str, prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen,
+                                                                                   str]:
+    ready = tmp_path / "dest.endpoint"
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "migrate", "dest", "--listen",
+                             "tcp://127.0.0.1:*", "--count", "1", "--ready-file", str(ready),
+                             "--json", *extra], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None, "destination daemon exited"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return proc, ready.read_text().strip()
+
+
+class SourceThread:
+    def __init__(self, **opts: Any) -> None:
+        self.migration = source.SourceMigration(source.SourceOptions(progress=False, **opts))
+        self.report: dict[str, Any] | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.report = self.migration.run()
+
+    def wait_for_phase(self, phase: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.migration.phase != phase:
+            assert self.thread.is_alive(), f"finished before {phase}: {self.report}"
+            assert time.monotonic() < deadline, f"never reached {phase}"
+            time.sleep(0.001)
+
+    def join(self, timeout: float = 300) -> dict[str, Any]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the source hung"
+        assert self.report is not None
+        return self.report
+
+
+def test_destination_killed_before_switchover_leaves_the_guest_running_here(tmp_path):
+    dest, endpoint = start_dest(tmp_path)
+    try:
+        src = SourceThread(to=endpoint, workload="kv", memory=256 * MIB, mode="hybrid",
+                           after_s=0.2, peer_timeout_s=3)
+        src.wait_for_phase("precopy")
+        dest.send_signal(signal.SIGKILL)
+        report = src.join()
+    finally:
+        dest.kill()
+        dest.wait()
+    assert not report["ok"]
+    assert report["phase"] == "precopy"
+    assert "destination" in report["error"]
+    local = report["guest_at_source"]
+    # The guest kept its state: it finished here with the digest of a never-migrated run.
+    assert local["resumed"] and local["finished"] and local["ok"], local
+    assert local["digest"] == local["reference_digest"]
+
+
+def _dest_guests(daemon_pid: int) -> list[str]:
+    """Guests started by this destination daemon (each names its daemon with --parent)."""
+    out = subprocess.run(["pgrep", "-f", f"migrate.guest --role dest .*--parent {daemon_pid}$"],
+                         capture_output=True, text=True, check=False).stdout
+    return out.split()
+
+
+def _cpu_seconds(pids: list[str]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _source_cmd(endpoint: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "migrate", "source", "--to", endpoint, "--json", "--quiet",
+            "--peer-timeout", "3", *extra]
+
+
+def test_source_killed_in_postcopy_with_snapshot_is_resumed_from_disk(tmp_path):
+    snap = tmp_path / "snap"
+    dest, endpoint = start_dest(tmp_path, "--peer-timeout", "2", "--resume-timeout", "60")
+    try:
+        # No background push: the destination depends on the source for every page it touches.
+        first = subprocess.Popen(_source_cmd(endpoint, "--workload", "chase", "--memory", "64M",
+                                             "--mode", "postcopy", "--after", "0.2",
+                                             "--ops", "30000000", "--no-push",
+                                             "--snapshot", str(snap)),
+                                 stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not (snap / "state.json").exists():
+            assert first.poll() is None, "the first source ended before its snapshot"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)  # let it serve some faults after announcing the snapshot
+        first.kill()
+        first.wait()
+        second = subprocess.run(_source_cmd("unused", "--resume", str(snap)),
+                                capture_output=True, text=True, timeout=300)
+        report = json.loads(second.stdout)
+        dest_report = json.loads(dest.communicate(timeout=120)[0].strip().splitlines()[-1])
+    finally:
+        if dest.poll() is None:
+            dest.kill()
+    assert report["ok"], report.get("error")
+    assert report["resumed_from_snapshot"] == str(snap)
+    assert report["digest"] == report["reference_digest"] and report["transfer_ok"]
+    assert dest_report["ok"] and dest_report["snapshot"] and dest_report["source_restarts"] == 1
+    # zero pages are holes: the snapshot takes less disk than the region
+    assert os.stat(snap / "pages.bin").st_blocks * 512 <= 64 * MIB
+
+
+def test_source_killed_in_postcopy_without_snapshot_stops_the_guest_cleanly(tmp_path):
+    dest, endpoint = start_dest(tmp_path, "--peer-timeout", "2")
+    try:
+        first = subprocess.Popen(_source_cmd(endpoint, "--workload", "chase", "--memory", "64M",
+                                             "--mode", "postcopy", "--after", "0.2",
+                                             "--ops", "30000000", "--no-push"),
+                                 stdout=subprocess.PIPE, text=True)
+        # Wait until the destination runs the guest (post-copy has begun), then kill the source.
+        deadline = time.monotonic() + 60
+        while _cpu_seconds(_dest_guests(dest.pid)) < 0.2:  # it runs the workload: post-copy is on
+            assert first.poll() is None, "the source ended early"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert first.poll() is None
+        first.kill()
+        first.wait()
+        out = dest.communicate(timeout=60)[0]
+    finally:
+        if dest.poll() is None:
+            dest.kill()
+    assert dest.returncode == 1
+    dest_report = json.loads(out.strip().splitlines()[-1])
+    assert not dest_report["ok"]
+    assert "announced no snapshot" in dest_report["error"]
+    assert "guest cannot continue and is stopped" in dest_report["error"]
+    assert not _dest_guests(dest.pid), "a destination guest was left running"
