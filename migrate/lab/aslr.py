@@ -25,7 +25,7 @@ from migrate.lab.base import (
     entropy_bits,
     read_text,
 )
-from migrate.lab.elf import read_elf
+from migrate.lab.elf import ElfError, read_elf
 
 RUNS = 200
 CONTROL_RUNS = 10
@@ -170,6 +170,17 @@ def host() -> HostResult:
               "jump_slots": len(info.jump_slots),
               "first_slots": [{"got_offset": hex(o), "symbol": s} for o, s in
                               info.jump_slots[:5]]}
+    # Debian's /usr/bin/python3 is a non-PIE (ET_EXEC) binary: same PLT/GOT, fixed address.
+    others = {}
+    for other in ("/usr/bin/python3",):
+        try:
+            o = read_elf(os.path.realpath(other))
+        except (OSError, ElfError) as exc:
+            others[other] = {"error": str(exc)}
+        else:
+            others[other] = {"pie": o.pie, "e_type": o.e_type, "bind_now": o.bind_now,
+                             "jump_slots": len(o.jump_slots)}
+    static["other_binaries"] = others
     live = got_live()
     ev = {"randomize_va_space": setting, "runs": RUNS, "regions": regions,
           "plt_got_static": static, "plt_got_live": live}
