@@ -171,7 +171,7 @@ def host() -> HostResult:
               "first_slots": [{"got_offset": hex(o), "symbol": s} for o, s in
                               info.jump_slots[:5]]}
     # Debian's /usr/bin/python3 is a non-PIE (ET_EXEC) binary: same PLT/GOT, fixed address.
-    others = {}
+    others: dict[str, dict[str, Any]] = {}
     for other in ("/usr/bin/python3",):
         try:
             o = read_elf(os.path.realpath(other))
