@@ -30,12 +30,28 @@ def _need_migration_features() -> None:
         pytest.skip("PAGEMAP_SCAN unavailable (needed for dirty tracking)")
 
 
-def start_dest(tmp_path: Any, *extra: str, prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen,
-                                                                                   str]:
+class DestProcess(subprocess.Popen):
+    """A destination daemon whose log lines are collected (stderr) while it runs."""
+
+    log: list[str]
+
+    def wait_for_log(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.log):
+            assert self.poll() is None, f"destination exited; log: {self.log}"
+            assert time.monotonic() < deadline, f"no {text!r} in the log: {self.log}"
+            time.sleep(0.005)
+
+
+def start_dest(tmp_path: Any, *extra: str) -> tuple[DestProcess, str]:
     ready = tmp_path / "dest.endpoint"
-    proc = subprocess.Popen([*prefix, sys.executable, "-m", "migrate", "dest", "--listen",
-                             "tcp://127.0.0.1:*", "--count", "1", "--ready-file", str(ready),
-                             "--json", *extra], stdout=subprocess.PIPE, text=True)
+    proc = DestProcess([sys.executable, "-m", "migrate", "dest", "--listen",
+                        "tcp://127.0.0.1:*", "--count", "1", "--ready-file", str(ready),
+                        "--json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+    proc.log = []
+    threading.Thread(target=lambda: proc.log.extend(iter(proc.stderr.readline, "")),
+                     daemon=True).start()
     deadline = time.monotonic() + 30
     while not ready.exists():
         assert proc.poll() is None, "destination daemon exited"
@@ -95,17 +111,6 @@ def _dest_guests(daemon_pid: int) -> list[str]:
     return out.split()
 
 
-def _cpu_seconds(pids: list[str]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def _source_cmd(endpoint: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "migrate", "source", "--to", endpoint, "--json", "--quiet",
             "--peer-timeout", "3", *extra]
@@ -132,7 +137,8 @@ def test_source_killed_in_postcopy_with_snapshot_is_resumed_from_disk(tmp_path):
         second = subprocess.run(_source_cmd("unused", "--resume", str(snap)),
                                 capture_output=True, text=True, timeout=300)
         report = json.loads(second.stdout)
-        dest_report = json.loads(dest.communicate(timeout=120)[0].strip().splitlines()[-1])
+        dest.wait(timeout=120)
+        dest_report = json.loads(dest.stdout.read().strip().splitlines()[-1])
     finally:
         if dest.poll() is None:
             dest.kill()
@@ -147,20 +153,17 @@ def test_source_killed_in_postcopy_with_snapshot_is_resumed_from_disk(tmp_path):
 def test_source_killed_in_postcopy_without_snapshot_stops_the_guest_cleanly(tmp_path):
     dest, endpoint = start_dest(tmp_path, "--peer-timeout", "2")
     try:
-        first = subprocess.Popen(_source_cmd(endpoint, "--workload", "chase", "--memory", "64M",
+        first = subprocess.Popen(_source_cmd(endpoint, "--workload", "chase", "--memory", "128M",
                                              "--mode", "postcopy", "--after", "0.2",
                                              "--ops", "30000000", "--no-push"),
                                  stdout=subprocess.PIPE, text=True)
-        # Wait until the destination runs the guest (post-copy has begun), then kill the source.
-        deadline = time.monotonic() + 60
-        while _cpu_seconds(_dest_guests(dest.pid)) < 0.2:  # it runs the workload: post-copy is on
-            assert first.poll() is None, "the source ended early"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        dest.wait_for_log("runs here now")  # post-copy has begun: kill the source
+        time.sleep(0.2)
         assert first.poll() is None
         first.kill()
         first.wait()
-        out = dest.communicate(timeout=60)[0]
+        dest.wait(timeout=60)
+        out = dest.stdout.read()
     finally:
         if dest.poll() is None:
             dest.kill()
