@@ -598,8 +598,9 @@ class DestSession:
             raise GuestError(f"guest answered {reply['type']} to go")
         self.report.resume_ns = time.monotonic_ns() - t0
         self.report.phase = "postcopy"
-        self.daemon.log(f"guest {self.guest.pid} runs here now ({self.npages - self.present_count:,}"
-                        f" of {self.npages:,} pages still at the source)")
+        missing = self.npages - self.present_count
+        self.daemon.log(f"guest {self.guest.pid} runs here now ({missing:,} of {self.npages:,} "
+                        f"pages still at the source)")
         self.postcopy_start = time.monotonic()
         assert self.urgent is not None
         self._send(self.urgent, protocol.Resumed(self.report.resume_ns))

@@ -173,3 +173,132 @@ def test_source_killed_in_postcopy_without_snapshot_stops_the_guest_cleanly(tmp_
     assert "announced no snapshot" in dest_report["error"]
     assert "guest cannot continue and is stopped" in dest_report["error"]
     assert not _dest_guests(dest.pid), "a destination guest was left running"
+
+
+# ---------------------------------------------------------------------------------------------
+# A cut link: two network namespaces joined by veth, the link set down mid-post-copy.
+
+
+class TwoHosts:
+    """Namespaces src and dst joined by a veth pair (10.232.x.1 and .2), with CURVE keys."""
+
+    def __init__(self, tmp_path: Any) -> None:
+        import shutil
+        import uuid
+
+        caps = capabilities()
+        if not caps.get("netns") or os.geteuid() != 0 or shutil.which("ip") is None:
+            pytest.skip(f"network namespaces unavailable: "
+                        f"{caps.get('netns_detail', {}).get('reason') or 'needs root and ip'}")
+        tag = uuid.uuid4().hex[:6]
+        self.src, self.dst = f"mig-s-{tag}", f"mig-d-{tag}"
+        self.vsrc, self.vdst = f"cs{tag}", f"cd{tag}"
+        self.keys = tmp_path / "keys"
+        self._ip("netns", "add", self.src)
+        self._ip("netns", "add", self.dst)
+        self._ip("link", "add", self.vsrc, "type", "veth", "peer", "name", self.vdst)
+        self._ip("link", "set", self.vsrc, "netns", self.src)
+        self._ip("link", "set", self.vdst, "netns", self.dst)
+        self._ip("-n", self.src, "addr", "add", "10.232.0.1/24", "dev", self.vsrc)
+        self._ip("-n", self.dst, "addr", "add", "10.232.0.2/24", "dev", self.vdst)
+        for ns, dev in ((self.src, self.vsrc), (self.dst, self.vdst)):
+            self._ip("-n", ns, "link", "set", dev, "up")
+            self._ip("-n", ns, "link", "set", "lo", "up")
+        for name in ("src", "dst"):
+            subprocess.run([sys.executable, "-m", "migrate", "keygen", name, "--dir",
+                            str(self.keys)], check=True, capture_output=True)
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def link(self, up: bool) -> None:
+        self._ip("-n", self.src, "link", "set", self.vsrc, "up" if up else "down")
+
+    def dest(self, tmp_path: Any, *extra: str) -> tuple[DestProcess, str]:
+        ready = tmp_path / "dest.endpoint"
+        proc = DestProcess(["ip", "netns", "exec", self.dst, sys.executable, "-m", "migrate",
+                            "dest", "--listen", "tcp://10.232.0.2:*", "--count", "1",
+                            "--ready-file", str(ready), "--json", "--key",
+                            str(self.keys / "dst.key"), "--allow",
+                            str(self.keys / "src.key_public"), *extra],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.log = []
+        threading.Thread(target=lambda: proc.log.extend(iter(proc.stderr.readline, "")),
+                         daemon=True).start()
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None, f"destination exited: {proc.log}"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        return proc, ready.read_text().strip()
+
+    def source(self, endpoint: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.src, sys.executable, "-m",
+                                 "migrate", "source", "--to", endpoint, "--json", "--quiet",
+                                 "--key", str(self.keys / "src.key"), "--server-key",
+                                 str(self.keys / "dst.key_public"), *extra],
+                                stdout=subprocess.PIPE, text=True)
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.src], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", self.dst], capture_output=True, check=False)
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    h = TwoHosts(tmp_path)
+    yield h
+    h.close()
+
+
+MIGRATION = ("--workload", "chase", "--memory", "128M", "--mode", "postcopy", "--after", "0.2",
+             "--ops", "30000000", "--no-push")
+
+
+@pytest.mark.netns
+def test_link_cut_for_seconds_mid_postcopy_recovers(hosts, tmp_path):
+    dest, endpoint = hosts.dest(tmp_path, "--peer-timeout", "15")
+    try:
+        src = hosts.source(endpoint, "--peer-timeout", "15", *MIGRATION)
+        dest.wait_for_log("runs here now")
+        time.sleep(0.2)
+        hosts.link(up=False)
+        time.sleep(5)  # longer than ZeroMQ's heartbeat timeout: connections are dropped
+        hosts.link(up=True)
+        out, _ = src.communicate(timeout=300)
+        dest.wait(timeout=60)
+        dest_report = json.loads(dest.stdout.read().strip().splitlines()[-1])
+    finally:
+        for p in (dest, src):
+            if p.poll() is None:
+                p.kill()
+    report = json.loads(out)
+    assert report["ok"], report.get("error")
+    assert report["digest"] == report["reference_digest"] and report["transfer_ok"]
+    # faults waited through the cut and were asked again once the link was back
+    assert dest_report["ok"] and dest_report["retries"] > 0
+    assert dest_report["fault_latency_us"]["max"] > 4_000_000
+
+
+@pytest.mark.netns
+def test_link_cut_past_the_deadline_fails_clearly_on_both_sides(hosts, tmp_path):
+    dest, endpoint = hosts.dest(tmp_path, "--peer-timeout", "3")
+    try:
+        src = hosts.source(endpoint, "--peer-timeout", "3", *MIGRATION)
+        dest.wait_for_log("runs here now")
+        hosts.link(up=False)
+        out, _ = src.communicate(timeout=120)
+        dest.wait(timeout=60)
+        dest_out = dest.stdout.read()
+    finally:
+        hosts.link(up=True)
+        for p in (dest, src):
+            if p.poll() is None:
+                p.kill()
+    report = json.loads(out)
+    assert not report["ok"] and report["phase"] == "postcopy"
+    assert "no word from the destination" in report["error"]
+    dest_report = json.loads(dest_out.strip().splitlines()[-1])
+    assert not dest_report["ok"] and "no word from the source" in dest_report["error"]
+    assert dest.returncode == 1 and src.returncode == 1
