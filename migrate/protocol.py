@@ -242,7 +242,7 @@ class Request(Message):
     request: int
     index: int
     around: int
-    _schema = {"request": _u(), "index": _u(32), "around": _u(16)}
+    _schema = {"request": _u(), "index": ("page", None), "around": _u(16)}
 
 
 @dataclass(frozen=True)
@@ -443,6 +443,11 @@ def _check_field(mtype: str, name: str, kind: str, arg: Any, value: Any, limits:
     if kind == "uint":
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= arg:
             raise ProtocolError(f"{where}: expected an integer in 0..{arg}, got {value!r}")
+        return value
+    if kind == "page":
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limits.npages:
+            raise ProtocolError(f"{where}: page index {value!r} outside the region of "
+                                f"{limits.npages} pages")
         return value
     if kind == "bool":
         if not isinstance(value, bool):

@@ -103,6 +103,15 @@ def test_page_index_outside_region_is_refused():
         dst.receive(p.encode(msg))
 
 
+def test_fault_request_outside_the_region_is_refused():
+    src, dst = pair()
+    for m, s in [(p.Switchover(0, b"", 0, 0), src), (p.Resumed(0), dst)]:
+        (dst if s is src else src).receive(s.send(m))
+    with pytest.raises(ProtocolError, match="outside the region"):
+        src.receive(p.encode(p.Request(1, NPAGES, 0)))
+    assert src.state is p.State.FAILED
+
+
 def test_pages_before_handshake_are_refused():
     msg = p.Pages.build(1, p.Batch.PRECOPY, [0], [1], b"")
     with pytest.raises(ProtocolError, match="before the region is known"):
