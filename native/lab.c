@@ -158,14 +158,22 @@ static volatile int lab_spinner_run;
 static volatile int64_t lab_spinner_iters;
 static int lab_spinner_cpu = -1;
 static int lab_spinner_started;
+static volatile int lab_spinner_rt;
 
 static void *lab_spinner_main(void *arg)
 {
 	cpu_set_t set;
+	struct sched_param sp;
 	(void)arg;
 	CPU_ZERO(&set);
 	CPU_SET(lab_spinner_cpu, &set);
 	sched_setaffinity(0, sizeof(set), &set);
+	/* Stay on the CPU while the other thread changes protections (root only; RT throttling
+	 * still leaves other tasks 5% of the CPU). Without it, other load preempts the spinner
+	 * and the kernel has no reason to interrupt that CPU. */
+	memset(&sp, 0, sizeof(sp));
+	sp.sched_priority = 1;
+	lab_spinner_rt = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0;
 	while (__atomic_load_n(&lab_spinner_run, __ATOMIC_RELAXED))
 		lab_spinner_iters++;
 	return NULL;
@@ -180,6 +188,7 @@ int lab_spinner_start(int cpu)
 		return -EINVAL;
 	lab_spinner_cpu = cpu;
 	lab_spinner_iters = 0;
+	lab_spinner_rt = 0;
 	lab_spinner_run = 1;
 	rc = pthread_create(&lab_spinner_thread, NULL, lab_spinner_main, NULL);
 	if (rc)
@@ -196,6 +205,11 @@ int64_t lab_spinner_stop(void)
 	pthread_join(lab_spinner_thread, NULL);
 	lab_spinner_started = 0;
 	return lab_spinner_iters;
+}
+
+int lab_spinner_is_rt(void)
+{
+	return lab_spinner_rt;
 }
 
 int lab_pin_self(int cpu)

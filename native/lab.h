@@ -31,6 +31,8 @@ int64_t lab_stack_grow(uint64_t total_bytes, uint64_t frame_bytes, uint64_t samp
 int lab_spinner_start(int cpu);
 /* Stops the spinner; returns how many loop iterations it ran, or -1 if none was running. */
 int64_t lab_spinner_stop(void);
+/* 1 if the spinner runs SCHED_FIFO (it tries; needs CAP_SYS_NICE), else 0. */
+int lab_spinner_is_rt(void);
 /* sched_setaffinity(0 = calling thread) to one CPU. 0 or -errno. */
 int lab_pin_self(int cpu);
 

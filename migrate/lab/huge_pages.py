@@ -12,12 +12,14 @@ restoring it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from migrate.lab.base import (
@@ -36,6 +38,7 @@ ACCESSES = 500_000
 REPEATS = 3
 POOL_2M = "/proc/sys/vm/nr_hugepages"
 POOL_1G = "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
+HUGETLB_LOCK = "/tmp/migrate-lab-hugetlb.lock"
 
 
 def _read_int(path: str) -> int | None:
@@ -46,28 +49,43 @@ def _read_int(path: str) -> int | None:
         return None
 
 
+@dataclass
+class Reservation:
+    """What :func:`reserved_huge_pages` did to a pool: pages ``added`` on entry, ``given_back``
+    on exit (equal unless the pool could not be shrunk)."""
+
+    path: str
+    requested: int
+    added: int = 0
+    given_back: int = 0
+
+
 @contextmanager
-def reserved_huge_pages(path: str, count: int) -> Iterator[int]:
-    """Add ``count`` pages to a hugetlb pool for the duration; yields how many were added (the
-    kernel may find fewer free contiguous blocks). Gives back what it added even on error, by
-    subtracting from the value current at the end (other users of the pool keep theirs)."""
+def reserved_huge_pages(path: str, count: int) -> Iterator[Reservation]:
+    """Add ``count`` pages to a hugetlb pool for the duration (the kernel may find fewer free
+    contiguous blocks: see ``.added``). Gives back what it added even on error, by subtracting
+    from the value current at the end, so other users of the pool keep theirs. Lab runs hold
+    HUGETLB_LOCK meanwhile, so two of them never interleave their read-modify-writes."""
     if count <= 0:
         raise ValueError(f"count must be positive, not {count}")
-    before = _read_int(path)
-    if before is None:
-        raise OSError(f"cannot read {path}")
-    added = 0
-    try:
-        with open(path, "w") as f:
-            f.write(str(before + count))
-        now = _read_int(path) or before
-        added = max(0, now - before)
-        yield added
-    finally:
-        if added:
-            current = _read_int(path) or 0
+    res = Reservation(path, count)
+    with open(HUGETLB_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = _read_int(path)
+        if before is None:
+            raise OSError(f"cannot read {path}")
+        try:
             with open(path, "w") as f:
-                f.write(str(max(0, current - added)))
+                f.write(str(before + count))
+            now = _read_int(path) or before
+            res.added = max(0, now - before)
+            yield res
+        finally:
+            if res.added:
+                current = _read_int(path) or 0
+                with open(path, "w") as f:
+                    f.write(str(max(0, current - res.added)))
+                res.given_back = current - (_read_int(path) or 0)
 
 
 def _chase(address: int, size: int) -> list[float]:
@@ -118,16 +136,19 @@ def host() -> HostResult:
     configs["4k"] = _measure("4k", lambda: Region.anonymous(BUF, thp=False), 0)
     configs["thp"] = _measure("thp", lambda: Region.anonymous(BUF, thp=True), 512)
     pool_before = (_read_int(POOL_2M), _read_int(POOL_1G))
-    with reserved_huge_pages(POOL_2M, BUF >> 21) as got:
-        if got == BUF >> 21:
+    reservations = []
+    with reserved_huge_pages(POOL_2M, BUF >> 21) as r2:
+        reservations.append(r2)
+        if r2.added == BUF >> 21:
             configs["hugetlb_2m"] = _measure(
                 "2m", lambda: Region.anonymous(BUF, hugetlb="2M"), 512)
         else:
-            configs["hugetlb_2m"] = {"unavailable": f"only {got} of {BUF >> 21} 2 MiB pages "
-                                                    f"could be reserved"}
+            configs["hugetlb_2m"] = {"unavailable": f"only {r2.added} of {BUF >> 21} 2 MiB "
+                                                    f"pages could be reserved"}
     if os.path.exists(POOL_1G):
-        with reserved_huge_pages(POOL_1G, 1) as got:
-            if got == 1:
+        with reserved_huge_pages(POOL_1G, 1) as r1:
+            reservations.append(r1)
+            if r1.added == 1:
                 configs["hugetlb_1g"] = _measure(
                     "1g", lambda: Region.anonymous(1 << 30, hugetlb="1G"), 1024)
             else:
@@ -139,6 +160,7 @@ def host() -> HostResult:
               if "median_ns" in v and v["median_ns"]}
     ev = {"buffer": BUF, "accesses": ACCESSES, "repeats": REPEATS, "configs": configs,
           "speedup_vs_4k": ratios, "pools_before": pool_before, "pools_after": pool_after,
+          "reservations": [vars(r) for r in reservations],
           "thp_setting": (read_text("/sys/kernel/mm/transparent_hugepage/enabled")
                           or "").strip()}
     h2 = configs.get("hugetlb_2m", {})
@@ -147,7 +169,7 @@ def host() -> HostResult:
         "thp_backed_by_huge_pages": (configs["thp"].get("anon_huge_bytes") or 0) >= BUF // 2,
         "hugetlb_2m_ran": "median_ns" in h2,
         "hugetlb_2m_contiguous": bool(h2.get("first_huge_page_physically_contiguous")),
-        "pools_given_back": pool_after == pool_before,
+        "pools_given_back": all(r.given_back == r.added for r in reservations),
     }
     if "median_ns" in configs.get("hugetlb_1g", {}):
         rules["hugetlb_1g_contiguous"] = bool(
@@ -164,7 +186,7 @@ def host() -> HostResult:
                + "; speedup vs 4k: " + ", ".join(f"{k} x{r}" for k, r in ratios.items()
                                                  if k != "4k")
                + f"; THP backed {(configs['thp'].get('anon_huge_bytes') or 0) >> 20} MiB; "
-               f"pools restored: {pool_after == pool_before}")
+               f"reservations given back: {rules['pools_given_back']}")
     return HostResult("ran", "", ev, all(rules.values()), summary)
 
 

@@ -58,8 +58,10 @@ def child_jit(n: int, cpu: int, other: int) -> dict[str, Any]:
     started = lib.lab_spinner_start(other)
     time.sleep(0.02)  # let it get onto its CPU
     shared_right, shared = _jit_loop(region, n)
+    realtime = bool(lib.lab_spinner_is_rt())
     spins = lib.lab_spinner_stop()
     return {"pinned": pinned, "spinner_started": started, "spins": int(spins),
+            "spinner_sched_fifo": realtime,
             "alone": {"right": alone_right, "ipis_per_cpu": alone},
             "with_thread": {"right": shared_right, "ipis_per_cpu": shared}}
 
@@ -103,11 +105,12 @@ def host() -> HostResult:
     # from the "TLB" row: the spinner being preempted by other work on its CPU, and (in a KVM
     # or PVM guest) the paravirt remote flush, which skips the IPI to a vCPU the host has
     # descheduled and lets the host flush it. So the row is a lower bound: ask that it moves
-    # with the second thread and (almost) not without it.
+    # with the second thread (a few IPIs at least; ~1 per mprotect on a quiet machine) and
+    # (almost) not without it.
     rules = {
         "generated_code_ran": alone.get("right") == ITERATIONS
         and shared.get("right") == ITERATIONS,
-        "shootdowns_with_second_thread": shared_other >= 10,
+        "shootdowns_with_second_thread": shared_other >= 3,
         "few_without": alone_other * 2 < shared_other,
         "spinner_ran": r.get("spinner_started") == 0 and r.get("spins", 0) > 0,
     }

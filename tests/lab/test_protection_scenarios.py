@@ -38,7 +38,7 @@ def test_jit_shootdown_host(host_part) -> None:
     n = ev["iterations"]
     assert ev["child"]["alone"]["right"] == n and ev["child"]["with_thread"]["right"] == n
     # The second thread makes the other CPU receive TLB-flush IPIs; alone it (almost) does not.
-    assert ev["ipis_to_other_cpu_with_thread"] >= 10
+    assert ev["ipis_to_other_cpu_with_thread"] >= 3
     assert ev["ipis_to_other_cpu_alone"] * 2 < ev["ipis_to_other_cpu_with_thread"]
     assert r.ok
 
