@@ -41,7 +41,7 @@ from migrate.snapshot import Snapshot, SnapshotError, SnapshotWriter
 from migrate.stats import LatencyRecorder, Stopwatch
 
 PRECOPY_BATCH_PAGES = 256  # 1 MiB of 4 KiB pages per bulk message
-PUSH_BATCH_PAGES = 32  # smaller in post-copy: the destination interleaves these with faults
+PUSH_BATCH_PAGES = 128  # 512 KiB: big enough to stay ahead of the guest, small enough to interleave
 WINDOW = 16  # unacknowledged bulk messages in flight
 MAX_ROUNDS = 8
 SMALL_DIRTY_PAGES = 64  # a dirty set this small is sent during the pause
@@ -520,7 +520,9 @@ class SourceMigration:
                     except zmq.Again:
                         break
                     self._handle_bulk(self.conn.receive(frames))
-            if can_push and self.urgent not in ready:
+            # Requests were answered first; one push batch per turn still goes, or a guest that
+            # faults continuously would starve the push (and finish only by demand paging).
+            if can_push:
                 cursor = self._push_from(cursor)
             elif not ready:
                 if now - last_heard > self.opts.peer_timeout_s:
