@@ -361,7 +361,8 @@ class DestSession:
         poller.register(self.bulk, zmq.POLLIN)
         poller.register(self.fd.fileno(), zmq.POLLIN)
         poller.register(self.guest.fileno(), zmq.POLLIN)
-        urgent, bulk, uffd_fd, guest_fd = self.urgent, self.bulk, self.fd.fileno(), self.guest.fileno()
+        urgent, bulk = self.urgent, self.bulk
+        uffd_fd, guest_fd = self.fd.fileno(), self.guest.fileno()
         self.last_heard = time.monotonic()
         last_bulk = self.last_heard
         last_tick = 0.0

@@ -339,7 +339,8 @@ class GuestHandle:
                 with open(path) as f:
                     state = f.read().rsplit(")", 1)[1].split()[0]
             except FileNotFoundError:
-                raise GuestError(f"{self.role} guest died while pausing ({self._death()})") from None
+                raise GuestError(
+                    f"{self.role} guest died while pausing ({self._death()})") from None
             if state in ("T", "t"):
                 return
             time.sleep(0.00005)

@@ -398,7 +398,8 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
     if not isinstance(raw, list) or not raw:
         raise ProtocolError("header is not a non-empty array")
     code = raw[0]
-    if not isinstance(code, int) or isinstance(code, bool) or code not in MsgType._value2member_map_:
+    if (not isinstance(code, int) or isinstance(code, bool)
+            or code not in MsgType._value2member_map_):
         raise ProtocolError(f"unknown message type {code!r}")
     cls = MESSAGE_CLASSES[MsgType(code)]
     names = list(cls._schema)
@@ -406,12 +407,13 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
         raise ProtocolError(
             f"{cls.TYPE.name}: expected {len(names)} fields, got {len(raw) - 1}")
     values = {}
-    for name, value in zip(names, raw[1:]):
+    for name, value in zip(names, raw[1:], strict=True):
         kind, arg = cls._schema[name]
         values[name] = _check_field(cls.TYPE.name, name, kind, arg, value, limits)
     expected_frames = 2 if cls.HAS_DATA else 1
     if len(frames) != expected_frames:
-        raise ProtocolError(f"{cls.TYPE.name}: expected {expected_frames} frames, got {len(frames)}")
+        raise ProtocolError(
+            f"{cls.TYPE.name}: expected {expected_frames} frames, got {len(frames)}")
     if cls is Pages:
         values["data"] = frames[1]
         msg = Pages(**values)
@@ -619,7 +621,7 @@ class Connection:
         self.features: frozenset[str] = frozenset()
 
     @classmethod
-    def resumed(cls, side: Side, limits: Limits, state: State = State.POSTCOPY) -> "Connection":
+    def resumed(cls, side: Side, limits: Limits, state: State = State.POSTCOPY) -> Connection:
         """A connection taking over a session mid-way (a source restarted from a snapshot)."""
         conn = cls(side)
         conn.state, conn.limits = state, limits

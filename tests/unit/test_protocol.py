@@ -83,7 +83,8 @@ def test_full_lifecycle_reaches_done():
 def test_out_of_order_messages_are_refused_by_the_receiver(bad):
     src, dst = pair()
     msg = bad()
-    sender, receiver = (dst, src) if msg.TYPE in (p.MsgType.REQUEST, p.MsgType.COMPLETE) else (src, dst)
+    from_dest = msg.TYPE in (p.MsgType.REQUEST, p.MsgType.COMPLETE)
+    sender, receiver = (dst, src) if from_dest else (src, dst)
     frames = p.encode(msg)  # bypass the sender's own check: a lying peer
     with pytest.raises(ProtocolError, match="not allowed in state precopy"):
         receiver.receive(frames)
