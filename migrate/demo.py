@@ -52,7 +52,9 @@ def run_demo(workload: str, memory: str | int, mode: str, *, seed: int = 0, ops:
     source_cpu, dest_cpu = cpus_for_daemons(pin)
     with tempfile.TemporaryDirectory(prefix="migrate-demo-") as tmp:
         ready = os.path.join(tmp, "dest.endpoint")
-        dest_cmd = [sys.executable, "-m", "migrate", "dest", "--listen", "tcp://127.0.0.1:*",
+        # -P: never let the current directory (say, a source checkout without the compiled
+        # extension) shadow the installed package in the daemons we start.
+        dest_cmd = [sys.executable, "-P", "-m", "migrate", "dest", "--listen", "tcp://127.0.0.1:*",
                     "--count", "1", "--ready-file", ready, "--quiet"]
         source_keys: list[str] = []
         if curve:
@@ -77,7 +79,7 @@ def run_demo(workload: str, memory: str | int, mode: str, *, seed: int = 0, ops:
                 time.sleep(0.02)
             with open(ready) as f:
                 endpoint = f.read().strip()
-            src_cmd = [sys.executable, "-m", "migrate", "source", "--to", endpoint,
+            src_cmd = [sys.executable, "-P", "-m", "migrate", "source", "--to", endpoint,
                        "--workload", workload, "--memory", str(memory), "--mode", mode,
                        "--seed", str(seed), "--ops", str(ops), "--after", str(after),
                        "--backing", backing, "--json", *source_keys]

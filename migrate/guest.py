@@ -234,7 +234,7 @@ class GuestHandle:
     def __init__(self, role: str, memory: int, *, backing: str = "anon", workload: str = "kv",
                  seed: int = 0, ops: int = 0, ready_timeout: float = 30.0) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cmd = [sys.executable, "-m", "migrate.guest", "--role", role,
+        cmd = [sys.executable, "-P", "-m", "migrate.guest", "--role", role,
                "--control-fd", str(child.fileno()), "--memory", str(memory),
                "--backing", backing, "--workload", workload, "--seed", str(seed),
                "--ops", str(ops), "--parent", str(os.getpid())]

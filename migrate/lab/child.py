@@ -40,7 +40,7 @@ class Child:
             raise ValueError(f"child target must be 'module:function', not {target!r}")
         self.target = target
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "migrate.lab.child", target, json.dumps(args or {})],
+            [sys.executable, "-P", "-m", "migrate.lab.child", target, json.dumps(args or {})],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             pass_fds=tuple(pass_fds), text=True)
         self.messages: list[dict[str, Any]] = []
