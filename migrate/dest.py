@@ -63,6 +63,7 @@ class DestOptions:
     max_migrations: int | None = None
     json_reports: bool = False
     quiet: bool = False
+    max_sessions: int = 16  # migrations in progress at once; more HELLOs are refused
 
 
 @dataclass
@@ -708,11 +709,13 @@ class DestDaemon:
                 with self._reply_lock:
                     frames = self.router.recv_multipart(copy=False)
                 router_id = frames[0].bytes
-                if not self._admissible(router_id, frames[1:]):
+                region_bytes = self._admissible(router_id, frames[1:])
+                if not region_bytes:
                     continue  # malformed, replayed or too big: not a migration, not counted
                 session = DestSession(self, router_id, frames[1:])
                 thread = threading.Thread(target=self._run_session, args=(session,),
                                           name="dest-session", daemon=True)
+                thread.region_bytes = region_bytes  # type: ignore[attr-defined]
                 started += 1
                 thread.start()
                 self.sessions.append(thread)
@@ -723,12 +726,14 @@ class DestDaemon:
             self.ctx.term()
         return self.reports
 
-    def _admissible(self, router_id: bytes, frames: list[Any]) -> bool:
-        """Only a valid first HELLO with a new session id starts a session. Anything else on the
-        listen port (garbage, a replayed HELLO, a region larger than this host's memory) is
-        dropped here with a rate-limited log line, so a flood neither spawns threads and guests
-        nor counts towards --count. Garbage gets no answer: replying to a peer that never reads
-        would block this loop once its queue is full."""
+    def _admissible(self, router_id: bytes, frames: list[Any]) -> int:
+        """Only a valid first HELLO with a new session id starts a session; returns its region's
+        size, or 0. Anything else on the listen port (garbage, a replayed HELLO) is dropped here
+        with a rate-limited log line, so a flood neither spawns threads and guests nor counts
+        towards --count. Garbage gets no answer: replying to a peer that never reads would block
+        this loop once its queue is full. A valid HELLO beyond max_sessions migrations in
+        progress, or whose region would not fit in this host's memory beside theirs, gets a
+        REFUSE (never blocking)."""
         from migrate import keys as keyfiles
 
         if not hasattr(self, "_seen_sessions"):
@@ -738,17 +743,24 @@ class DestDaemon:
             hello = protocol.Connection(protocol.Side.DEST).receive(frames)
         except ProtocolError as exc:
             self._drop_log(f"dropped a message on the listen port: {exc}")
-            return False
+            return 0
         assert isinstance(hello, protocol.Hello)
         if hello.session in self._seen_sessions:
             self._drop_log(f"dropped a replayed HELLO of session {hello.session.hex()}")
-            return False
+            return 0
         self._seen_sessions[hello.session] = None
         if len(self._seen_sessions) > 4096:  # bounded: forget the oldest
             del self._seen_sessions[next(iter(self._seen_sessions))]
         size = hello.npages * hello.page_size
-        if size > psutil.virtual_memory().total:
-            reason = f"a region of {size} bytes is larger than this host's memory"
+        self.sessions = [t for t in self.sessions if t.is_alive()]  # finished: nothing to join
+        committed = sum(getattr(t, "region_bytes", 0) for t in self.sessions)
+        reason = None
+        if len(self.sessions) >= self.opts.max_sessions:
+            reason = f"busy: {len(self.sessions)} migrations in progress here (the limit)"
+        elif committed + size > psutil.virtual_memory().total:
+            reason = (f"a region of {size} bytes does not fit in this host's memory beside the "
+                      f"{committed} bytes of the migrations in progress")
+        if reason is not None:
             self._drop_log(f"refused migration: {reason}")
             try:
                 with self._reply_lock:
@@ -757,8 +769,8 @@ class DestDaemon:
                         flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # the peer is gone or not reading: it gets no answer
-            return False
-        return True
+            return 0
+        return size
 
     def _run_session(self, session: DestSession) -> None:
         report = session.run().as_dict()
@@ -789,6 +801,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         metavar="SECONDS",
                         help="after that, how long to wait for a source to resume from its "
                              "snapshot, if it announced one (default %(default)s s)")
+    parser.add_argument("--max-sessions", type=int, default=DestOptions.max_sessions,
+                        help="migrations in progress at once; further HELLOs are refused")
     parser.add_argument("--key", default=None,
                         help="this daemon's CURVE secret key file (NAME.key from migrate keygen); "
                              "required unless --listen is on loopback")
@@ -815,7 +829,8 @@ def run(args: argparse.Namespace) -> int:
     opts = DestOptions(listen=args.listen, cpu=args.cpu, max_migrations=args.count,
                        verify_reference=not args.no_reference, json_reports=args.json,
                        quiet=args.quiet, keys=curve, allowed_clients=allowed,
-                       peer_timeout_s=args.peer_timeout, resume_timeout_s=args.resume_timeout)
+                       peer_timeout_s=args.peer_timeout, resume_timeout_s=args.resume_timeout,
+                       max_sessions=args.max_sessions)
     daemon = DestDaemon(opts)
     if args.ready_file:
         tmp = args.ready_file + ".tmp"
