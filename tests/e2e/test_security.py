@@ -200,7 +200,7 @@ class Attacker:
                             self.received.append(s.recv_multipart())
                         s.close(linger=0)
         finally:
-            self.ctx.term()
+            self.ctx.destroy(linger=0)
 
     def halt(self) -> None:
         self.stop.set()
@@ -289,7 +289,7 @@ def test_unkeyed_listen_port_flood_of_malformed_and_replayed_hellos(tmp_path: Pa
         if attacker is not None:
             attacker.stop.set()
         dest.kill()
-        ctx.term()
+        ctx.destroy(linger=0)
     for report in reports:
         assert report["ok"], f"{report.get('error')}; destination log:\n{dest.log()[-3000:]}"
         check_ok(report)
@@ -351,12 +351,12 @@ def test_a_region_larger_than_this_host_is_refused_not_started(tmp_path: Path) -
         reply = protocol.decode(s.recv_multipart())
         s.close()
         assert isinstance(reply, protocol.Refuse) and reply.session == hello.session
-        assert "larger than this host's memory" in reply.reason
+        assert "does not fit in this host's memory" in reply.reason
         assert not dest.session_ports(), "a session was started anyway"
         assert dest.proc.poll() is None  # and it did not count towards --count 1
     finally:
         dest.kill()
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 def test_demo_with_curve_keys() -> None:
@@ -365,3 +365,39 @@ def test_demo_with_curve_keys() -> None:
     r = run_demo("kv", 16 * MIB, "hybrid", after=0.2, quiet=True, timeout=120, curve=True)
     check_ok(r)
     assert r["curve"] is True and r["daemon_exit"] == {"source": 0, "dest": 0}
+
+
+def test_hellos_beyond_max_sessions_are_refused_and_the_running_one_ends_ok(
+        tmp_path: Path) -> None:
+    dest = Dest(tmp_path, "--max-sessions", "1", "--count", "1000")  # the refusal is not counted
+    ctx = zmq.Context()
+    try:
+        run = RecordingSource(to=dest.endpoint, workload="chase", memory=16 * MIB,
+                              mode="postcopy", after_s=0.1, ops=5_000_000, peer_timeout_s=30)
+        deadline = time.monotonic() + 30
+        while run.hello is None or run.migration.phase in ("start", "handshake"):
+            assert time.monotonic() < deadline and run.thread.is_alive()
+            time.sleep(0.001)
+        raw = msgpack.unpackb(run.hello[0], raw=False)
+        raw[2] = os.urandom(16)  # another, valid, migration
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(dest.endpoint)
+        s.send_multipart([msgpack.packb(raw, use_bin_type=True)])
+        assert s.poll(10_000), f"no answer to a HELLO beyond --max-sessions: {dest.log()}"
+        reply = protocol.decode(s.recv_multipart())
+        s.close()
+        report = run.join()
+        deadline = time.monotonic() + 60
+        while "migration of chase" not in dest.log():  # its session has ended and reported
+            assert time.monotonic() < deadline, dest.log()
+            time.sleep(0.05)
+        dest.proc.terminate()
+        _code, reports = dest.finish()
+    finally:
+        dest.kill()
+        ctx.destroy(linger=0)
+    assert isinstance(reply, protocol.Refuse) and "busy" in reply.reason
+    check_ok(report)
+    assert len(reports) == 1 and reports[0]["ok"]
+    assert "refused migration: busy" in dest.log()
