@@ -594,7 +594,7 @@ class DestSession:
                 self.present[p] = 0
                 self.present_count -= 1
         self.report.pages["discarded"] = len(discard)
-        self.guest.go(msg.discard)
+        self.guest.go(discard)
         reply = self.guest.receive(timeout=self.opts.peer_timeout_s)
         if reply["type"] != "running":
             raise GuestError(f"guest answered {reply['type']} to go")

@@ -37,7 +37,8 @@ import msgpack
 from migrate.errors import MigrateError
 
 PAUSE_SIGNAL = signal.SIGUSR1
-MAX_CONTROL_MESSAGE = 64 << 20  # a GO message may carry a large discard list
+MAX_CONTROL_MESSAGE = 1 << 20
+DISCARD_CHUNK_RUNS = 8192  # (first, count) pairs per control message: 64 KiB
 PROGRESS_INTERVAL_S = 0.25
 
 
@@ -154,17 +155,23 @@ def _guest_main(args: argparse.Namespace) -> int:
     if msg["type"] == "exit":
         return 0
     if args.role == "dest":
-        if msg["type"] != "go":
-            raise GuestError(f"expected go, got {msg['type']}")
+        # The pages to drop come in chunks of (first, count) runs (a control message is
+        # bounded), each applied as it arrives; then GO.
         go_ns = time.monotonic_ns()
-        discard = array("I")
-        discard.frombytes(msg.get("discard", b""))
         page = memory.PAGE_SIZE
         advice = memory.Advice.REMOVE if args.backing == "memfd" else memory.Advice.DONTNEED
-        for first, count in discard_runs(discard):
-            region.advise(advice, first * page, count * page)
+        discarded = 0
+        while msg["type"] == "discard":
+            runs = array("I")
+            runs.frombytes(msg["runs"])
+            for k in range(0, len(runs), 2):
+                region.advise(advice, runs[k] * page, runs[k + 1] * page)
+                discarded += runs[k + 1]
+            msg, _ = _recv(sock)
+        if msg["type"] != "go":
+            raise GuestError(f"expected go, got {msg['type']}")
         send({"type": "running", "go_to_running_ns": time.monotonic_ns() - go_ns,
-              "discarded": len(discard)})
+              "discarded": discarded})
         wl = workloads.Workload(region.view())
     elif msg["type"] != "start":
         raise GuestError(f"expected start, got {msg['type']}")
@@ -351,8 +358,18 @@ class GuestHandle:
         os.kill(self.pid, signal.SIGCONT)
         self.send({"type": "resume"})
 
-    def go(self, discard: bytes) -> None:
-        self.send({"type": "go", "discard": discard})
+    def go(self, discard: array) -> None:
+        """Let a destination guest run, after it drops the pages in ``discard`` (sent as runs,
+        in chunks that fit a control message)."""
+        runs = array("I")
+        for first, count in discard_runs(discard):
+            runs.extend((first, count))
+            if len(runs) >= DISCARD_CHUNK_RUNS * 2:
+                self.send({"type": "discard", "runs": runs.tobytes()})
+                runs = array("I")
+        if runs:
+            self.send({"type": "discard", "runs": runs.tobytes()})
+        self.send({"type": "go"})
 
     def explain(self, exc: BaseException) -> str:
         """The cause to report for ``exc``: a dead guest is named as such (the failing call

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
@@ -101,9 +101,10 @@ class Message:
     TYPE: ClassVar[MsgType]
     _schema: ClassVar[dict[str, tuple[str, Any]]]
     HAS_DATA: ClassVar[bool] = False  # a raw data frame follows the header
+    DATA_FIELD: ClassVar[str] = "data"  # the attribute that travels as that frame
 
     def header_fields(self) -> list[Any]:
-        return [getattr(self, f.name) for f in fields(self) if f.name != "data"]
+        return [getattr(self, name) for name in self._schema]  # schema order is wire order
 
 
 @dataclass(frozen=True)
@@ -211,13 +212,13 @@ class Switchover(Message):
     last bulk message sent before the pause, which the dest must have installed first."""
 
     TYPE = MsgType.SWITCHOVER
+    HAS_DATA = True
+    DATA_FIELD = "discard"  # a data frame: bounded by the region (4 bytes a page), not the header
     bulk_seq: int
     discard: bytes
     ops_done: int
     paused_ns: int  # source-side time from pause request to this message (for downtime)
-    _schema = {
-        "bulk_seq": _u(), "discard": ("discard", None), "ops_done": _u(), "paused_ns": _u(),
-    }
+    _schema = {"bulk_seq": _u(), "ops_done": _u(), "paused_ns": _u()}
 
     def discard_array(self) -> array:
         return _unpack_indexes(self.discard)
@@ -375,7 +376,7 @@ def encode(msg: Message) -> list[Any]:
     """Frames for ``msg``: the msgpack header, plus the data frame for PAGES."""
     header = msgpack.packb([int(msg.TYPE), *msg.header_fields()], use_bin_type=True)
     if msg.HAS_DATA:
-        return [header, msg.data]  # type: ignore[attr-defined]
+        return [header, getattr(msg, msg.DATA_FIELD)]
     return [header]
 
 
@@ -419,6 +420,12 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
         msg = Pages(**values)
         _check_pages(msg, limits)
         return msg
+    if cls is Switchover:
+        packed = frames[1].bytes if hasattr(frames[1], "bytes") else bytes(frames[1])
+        if len(packed) > 4 * limits.npages:
+            raise ProtocolError(f"SWITCHOVER: {len(packed) // 4} pages to discard in a region of "
+                                f"{limits.npages} pages")
+        values["discard"] = _check_field("SWITCHOVER", "discard", "discard", None, packed, limits)
     if cls is ResumeAck:
         present = frames[1].bytes if hasattr(frames[1], "bytes") else bytes(frames[1])
         if values["pages"] != limits.npages or len(present) != limits.npages:

@@ -43,7 +43,8 @@ from migrate.stats import LatencyRecorder, Stopwatch
 PRECOPY_BATCH_PAGES = 256  # 1 MiB of 4 KiB pages per bulk message
 PUSH_BATCH_PAGES = 128  # 512 KiB: big enough to stay ahead of the guest, small enough to interleave
 WINDOW = 16  # unacknowledged bulk messages in flight
-MAX_ROUNDS = 8
+MAX_ROUNDS = 8  # pre-copy mode: rounds until the dirty set stops shrinking, at most this many
+HYBRID_ROUNDS = 2  # hybrid: post-copy fetches what is left, so extra rounds rarely pay
 SMALL_DIRTY_PAGES = 64  # a dirty set this small is sent during the pause
 
 
@@ -57,7 +58,7 @@ class SourceOptions:
     mode: str = "hybrid"
     after_s: float = 1.0
     backing: str = "anon"
-    max_rounds: int = MAX_ROUNDS
+    max_rounds: int | None = None  # None: MAX_ROUNDS for precopy, HYBRID_ROUNDS for hybrid
     cpu: int | None = None
     keys: transport.CurveKeys | None = None
     peer_timeout_s: float = 10.0
@@ -357,7 +358,9 @@ class SourceMigration:
         dirty = self._scan_dirty(reprotect=True)
         self._round_end(round_no, sent, len(dirty))
         previous = None
-        while round_no < self.opts.max_rounds:
+        budget = self.opts.max_rounds or (HYBRID_ROUNDS if self.opts.mode == "hybrid"
+                                          else MAX_ROUNDS)
+        while round_no < budget:
             if len(dirty) <= SMALL_DIRTY_PAGES or (previous is not None and len(dirty) >= previous):
                 break
             round_no += 1
@@ -553,19 +556,26 @@ class SourceMigration:
         return j
 
     def _push_from(self, cursor: int) -> int:
-        valid, n = self.valid, self.npages
+        """Push up to PUSH_BATCH_PAGES pages the destination lacks, from ``cursor`` onward
+        (wrapping): one contiguous run when there is one, else the scattered pages gathered
+        (after a hybrid switchover the missing pages are scattered)."""
+        valid = self.valid
         first = valid.find(0, cursor)
         if first < 0:
             first = valid.find(0)
             if first < 0:
                 return cursor
-        last = first + 1
-        limit = min(n, first + PUSH_BATCH_PAGES)
-        while last < limit and not valid[last]:
-            last += 1
-        self._send_pages(self.bulk, Batch.PUSH, range(first, last))
-        self.counts["pushed"] += last - first
-        return last
+        batch: list[int] = []
+        i = first
+        while i >= 0 and len(batch) < PUSH_BATCH_PAGES:
+            batch.append(i)
+            i = valid.find(0, i + 1)
+        if batch[-1] - batch[0] == len(batch) - 1:
+            self._send_pages(self.bulk, Batch.PUSH, range(batch[0], batch[-1] + 1))
+        else:
+            self._send_pages(self.bulk, Batch.PUSH, batch)
+        self.counts["pushed"] += len(batch)
+        return batch[-1] + 1
 
     def _verify(self, clock: Stopwatch) -> dict[str, Any]:
         """Compare the destination's received digest with the paused region; final report."""
@@ -730,7 +740,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--after", type=float, default=1.0,
                         help="seconds the guest runs here before migration starts")
     parser.add_argument("--backing", default="anon", choices=protocol.BACKINGS)
-    parser.add_argument("--rounds", type=int, default=MAX_ROUNDS, help="pre-copy round budget")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"pre-copy round budget (default {MAX_ROUNDS} for precopy, "
+                             f"{HYBRID_ROUNDS} for hybrid)")
     parser.add_argument("--cpu", type=int, default=None, help="pin the daemon and its guest")
     parser.add_argument("--json", action="store_true", help="print the final report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
