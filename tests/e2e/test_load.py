@@ -2,11 +2,12 @@
 
 One destination daemon process serves all of them. Its file descriptors, threads and child
 processes must come back exactly to their level before the load, and its resident memory to within
-``RSS_SLACK`` (the allocator keeps some freed memory in its arenas, and ZeroMQ keeps its buffers;
-a leak of per-migration state, 9 bytes per page plus a thread, a guest and two sockets per
-migration, shows up in the counts long before it does in RSS). The baseline is taken after one
-warm-up migration, so one-time costs (imports, the first reference run's code paths, arenas) are
-not counted as growth.
+``RSS_SLACK`` (the allocator keeps some freed memory in per-thread arenas; a leak of per-migration
+state, 9 bytes per page plus a thread, a guest and sockets per migration, shows up in the counts
+long before it does in RSS). The baseline is taken after warm-up migrations, so one-time costs
+(imports, the first reference run's code paths) are not counted as growth. Measured here: the
+destination +1.0 to +1.3 MiB after four at once, +0.3 MiB after 24 in a row; the source +0.3 to
++0.5 MiB after 20 (4 runs).
 
 The source side is one long-lived process that runs twenty ``SourceMigration().run()`` in a row
 in one thread, measuring itself the same way.
@@ -15,6 +16,7 @@ in one thread, measuring itself the same way.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,8 +29,12 @@ import pytest
 from migrate.check import capabilities
 
 MIB = 1 << 20
-RSS_SLACK = 24 * MIB
-LEAK_SLACK = 4 * MIB
+# glibc raises its mmap threshold after the first large free, and later large buffers then come
+# from the heap and stay in RSS: fixing the threshold makes freed buffers go back to the kernel,
+# so RSS shows what the daemons really keep (for the tests only; the daemons do not need it).
+MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+RSS_SLACK = 8 * MIB
+LEAK_SLACK = 2 * MIB
 SETTLE_S = 20.0
 pytestmark = pytest.mark.host
 
@@ -81,7 +87,7 @@ class Dest:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "migrate", "dest", "--listen", "tcp://127.0.0.1:*",
              "--ready-file", str(ready), "--json", "--quiet", *extra],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, text=True, env=MALLOC_ENV)
         deadline = time.monotonic() + 30
         while not ready.exists():
             assert self.proc.poll() is None and time.monotonic() < deadline
@@ -159,7 +165,9 @@ def one(i):
         keys=curve)).run()
 
 def worker():
-    out["warmup"] = one(0)
+    # Warm-up: one of each kind. The first frees of large buffers raise glibc's mmap threshold,
+    # after which such buffers come from (and stay in) the heap: a one-time step, not a leak.
+    out["warmup"] = [one(i) for i in range(len(plan))]
     out["before"] = usage()
     out["trace"] = []
     for i in range(count):
@@ -188,18 +196,19 @@ def test_twenty_migrations_in_a_row(tmp_path: Path) -> None:
                             "--server-key", str(d / "dest.key_public")))  # warm-up
         before = settled(dest.ps)
         out = subprocess.run([sys.executable, "-c", TWENTY_IN_A_ROW, dest.endpoint, "20",
-                              str(d)],
+                              str(d)], env=MALLOC_ENV,
                              capture_output=True, text=True, timeout=300, check=False)
         assert out.returncode == 0, out.stderr[-2000:]
         result = json.loads(out.stdout)
         after = settled(dest.ps)
     finally:
         dest_reports = dest.stop()
-    check_ok(result["warmup"])
+    for report in result["warmup"]:
+        check_ok(report)
     assert len(result["reports"]) == 20
     for report in result["reports"]:
         check_ok(report)
-    assert len(dest_reports) == 22 and all(r["ok"] for r in dest_reports)
+    assert len(dest_reports) == 25 and all(r["ok"] for r in dest_reports)
     check_back_to_baseline(before, after, "the destination daemon")
     check_back_to_baseline(result["before"], result["after"], "the source process")
     rss = [u["rss"] for u in result["trace"]]
