@@ -17,17 +17,8 @@ from migrate import source
 from migrate.check import capabilities
 
 MIB = 1 << 20
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("migration_capable")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_migration_features() -> None:
-    caps = capabilities()
-    u = caps.get("userfaultfd") or {}
-    if not u.get("available"):
-        pytest.skip(f"userfaultfd unavailable: {u.get('error')}")
-    if not caps.get("pagemap_scan"):
-        pytest.skip("PAGEMAP_SCAN unavailable (needed for dirty tracking)")
 
 
 class DestProcess(subprocess.Popen):

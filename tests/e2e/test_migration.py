@@ -24,20 +24,8 @@ from migrate.demo import run_demo
 from migrate.workloads import WORKLOADS
 
 MIB = 1 << 20
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("migration_capable")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_migration_features() -> None:
-    caps = capabilities()
-    u = caps.get("userfaultfd") or {}
-    if not u.get("available"):
-        pytest.skip(f"userfaultfd unavailable: {u.get('error')}")
-    missing = [f for f in ("WP_ASYNC", "WP_UNPOPULATED") if not u["features_supported"].get(f)]
-    if missing:
-        pytest.skip(f"kernel {caps['kernel']} lacks {missing} (needed for dirty tracking)")
-    if not caps.get("pagemap_scan"):
-        pytest.skip("PAGEMAP_SCAN unavailable (needed for dirty tracking)")
 
 
 def check_report(r: dict[str, Any], mode: str, memory: int) -> None:
