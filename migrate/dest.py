@@ -209,8 +209,11 @@ class DestSession:
         buf = msg.data.buffer if hasattr(msg.data, "buffer") else memoryview(msg.data)
         page, base, present = self.page, self.base, self.present
         # Only a pre-copy batch may overwrite a present page (it was written at the source after
-        # it was sent). After switchover the guest owns present pages: a late copy is dropped.
+        # it was sent). After switchover the guest owns present pages: a late copy is dropped,
+        # and a pre-copy batch then is a protocol violation (it would overwrite live pages).
         overwrite = msg.kind in (Batch.PRECOPY, Batch.FINAL)
+        if overwrite and self.report.phase not in ("precopy", "switchover"):
+            raise ProtocolError(f"a {Batch(msg.kind).name} batch after the guest runs here")
         new_addrs, new_off = array("Q"), []
         new_zero = array("Q")
         old_addrs, old_off = array("Q"), []
