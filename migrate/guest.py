@@ -145,7 +145,8 @@ def _guest_main(args: argparse.Namespace) -> int:
     def report_progress() -> None:
         while not stop_reporting.wait(PROGRESS_INTERVAL_S):
             with lock:
-                _send(sock, {"type": "progress", "ops": workloads.Workload.progress()})
+                _send(sock, {"type": "progress", "ops": workloads.Workload.progress(),
+                             "init": workloads.Workload.progress_init()})
 
     def send(msg: dict[str, Any]) -> None:
         with lock:
@@ -260,6 +261,7 @@ class GuestHandle:
         self.sock = parent
         self.sock.settimeout(ready_timeout)
         self.progress_ops = 0
+        self.progress_init = 0  # init steps (preloading the table, building the chain, ...)
         self.exit_status: int | None = None
         try:
             msg, fds = _recv(self.sock, with_fds=True)
@@ -304,6 +306,7 @@ class GuestHandle:
                 self.sock.settimeout(None)
             if msg["type"] == "progress":
                 self.progress_ops = msg["ops"]
+                self.progress_init = msg.get("init", 0)
                 continue
             return msg
 
@@ -320,6 +323,7 @@ class GuestHandle:
             msg = msgpack.unpackb(data, raw=False)
             if msg.get("type") == "progress":
                 self.progress_ops = msg["ops"]
+                self.progress_init = msg.get("init", 0)
             else:
                 out.append(msg)
 

@@ -171,6 +171,12 @@ class SourceMigration:
         data = b"".join(view[i * page:(i + 1) * page] for i in range(n) if not zero[i])
         return zero, data
 
+    def _rate(self, pages: int) -> float:
+        """Pages per second since the migration started (for progress lines)."""
+        clock = getattr(self, "migration_clock", None)
+        elapsed = clock.elapsed_s() if clock is not None else 0.0
+        return pages / elapsed if elapsed > 0 else 0.0
+
     def _read_range(self, first: int, count: int, buf: bytearray) -> int:
         """Pages first..first+count of the region into ``buf``: from the (paused) guest, or from
         the snapshot when this source was restarted from one. Returns bytes read."""
@@ -309,8 +315,12 @@ class SourceMigration:
                 if msg["type"] == "done":
                     self.guest_finished = msg
                     self.progress.update("running", "the workload finished before migration")
-            self.progress.update("running", f"guest ops {self.guest.progress_ops:,} of "
-                                 f"{self.total_ops:,}")
+            if self.guest.progress_ops == 0 and self.guest.progress_init:
+                self.progress.update("running", f"guest initialising its workload "
+                                     f"({self.guest.progress_init:,} steps)")
+            else:
+                self.progress.update("running", f"guest ops {self.guest.progress_ops:,} of "
+                                     f"{self.total_ops:,}")
         if not self.guest.alive():
             raise GuestError("the guest died before migration")
 
@@ -387,7 +397,8 @@ class SourceMigration:
                              known_zero=known_zero)
             self.counts["precopy"] += last - first
             self.progress.update("precopy", f"round {round_no}: {last:,}/{n:,} pages, "
-                                 f"{self.bytes_sent / 1e6:,.0f} MB sent")
+                                 f"{self.bytes_sent / 1e6:,.0f} MB sent, "
+                                 f"{self._rate(self.counts['precopy']):,.0f} pages/s")
         return n
 
     def _send_indexes(self, indexes: list[int], kind: Batch, round_no: int) -> int:
@@ -536,7 +547,9 @@ class SourceMigration:
                     self._send(self.urgent, protocol.Ping(time.monotonic_ns()))
             self._announce_snapshot()
             self.progress.update("postcopy", f"{n - valid.count(0):,}/{n:,} pages at the "
-                                 f"destination, {self.requests:,} faults served")
+                                 f"destination, {self.requests:,} faults served, "
+                                 f"{self._rate(self.counts['pushed'] + self.counts['demand']):,.0f}"
+                                 f" pages/s")
 
     def _serve_request(self, msg: protocol.Request, arrival_ns: int) -> int:
         """The faulting page goes alone first, so the destination can wake the guest as soon
