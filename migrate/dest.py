@@ -19,6 +19,7 @@ One listening ROUTER takes HELLOs. Each migration gets a ``DestSession`` in its 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -47,6 +48,7 @@ SWEEP_IDLE_S = 1.0  # bulk quiet this long in post-copy with pages missing: ask 
 SWEEP_PAGES = 256  # at most this many missing pages requested per sweep
 REPEAT_S = 1.0  # COMPLETE / REPORT repeated at this period until answered
 REPORT_REPEATS = 5
+REPORT_HISTORY = 1000  # reports a long-running destination daemon keeps
 DEFAULT_RESUME_TIMEOUT_S = 60.0  # how long a source with a snapshot may take to come back
 
 
@@ -62,6 +64,7 @@ class DestOptions:
     fault_around: int = FAULT_AROUND
     max_migrations: int | None = None
     json_reports: bool = False
+    advertise: str | None = None  # host named in WELCOME when listening on every address
     quiet: bool = False
     max_sessions: int = 16  # migrations in progress at once; more HELLOs are refused
 
@@ -179,9 +182,9 @@ class DestSession:
         host = transport.host_of(self.opts.listen)
         client = transport.peer_key(self.hello_frames[0])  # only the HELLO's sender may join
         self.urgent, urgent_ep = transport.bind_channel(self.daemon.ctx, host, self.opts.keys,
-                                                        peer=client)
+                                                        peer=client, advertise=self.opts.advertise)
         self.bulk, bulk_ep = transport.bind_channel(self.daemon.ctx, host, self.opts.keys,
-                                                    peer=client)
+                                                    peer=client, advertise=self.opts.advertise)
         welcome = protocol.Welcome(protocol.PROTOCOL_VERSION, hello.session, urgent_ep, bulk_ep,
                                    protocol.negotiate_features(hello.features))
         self.daemon.reply(self.router_id, self.conn.send(welcome))
@@ -686,7 +689,10 @@ class DestDaemon:
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._reply_lock = threading.Lock()
         self._stop = threading.Event()
-        self.reports: list[dict[str, Any]] = []
+        # The latest reports (a daemon that serves forever must not grow without bound) and a
+        # count of every failure, for the exit status.
+        self.reports: collections.deque[dict[str, Any]] = collections.deque(maxlen=REPORT_HISTORY)
+        self.failures = 0
         self.sessions: list[threading.Thread] = []
 
     def log(self, text: str) -> None:
@@ -727,7 +733,7 @@ class DestDaemon:
         finally:
             self.router.close(linger=0)
             self.ctx.term()
-        return self.reports
+        return list(self.reports)
 
     def _admissible(self, router_id: bytes, frames: list[Any]) -> int:
         """Only a valid first HELLO with a new session id starts a session; returns its region's
@@ -778,6 +784,8 @@ class DestDaemon:
     def _run_session(self, session: DestSession) -> None:
         report = session.run().as_dict()
         self.reports.append(report)
+        if not report["ok"]:
+            self.failures += 1
         w = report["workload"]
         self.log(f"migration of {w.get('name')} {w.get('size')} bytes: "
                  f"{'ok' if report['ok'] else 'FAILED: ' + str(report['error'])}")
@@ -797,6 +805,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-file", default=None,
                         help="write the bound endpoint to this file once listening")
     parser.add_argument("--quiet", action="store_true", help="no log lines on stderr")
+    parser.add_argument("--advertise", default=None, metavar="HOST",
+                        help="address sources reach this host at; needed when --listen binds "
+                             "every address (tcp://*:PORT or tcp://0.0.0.0:PORT)")
     parser.add_argument("--peer-timeout", type=float, default=DEFAULT_PEER_TIMEOUT_S,
                         metavar="SECONDS",
                         help="a source silent this long is gone (default %(default)s s)")
@@ -826,6 +837,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.allow:
             raise keyfiles.KeyFileError("--allow needs --key (this daemon's own key pair)")
         transport.require_keys_off_loopback(args.listen, curve, "listen on")
+        if transport.host_of(args.listen) in transport.WILDCARD_HOSTS and not args.advertise:
+            raise ValueError(f"--listen {args.listen} binds every address: say which one sources "
+                             f"reach this host at with --advertise HOST")
     except (keyfiles.KeyFileError, ValueError) as exc:
         print(f"migrate dest: {exc}", file=sys.stderr)
         return 2
@@ -833,12 +847,12 @@ def run(args: argparse.Namespace) -> int:
                        verify_reference=not args.no_reference, json_reports=args.json,
                        quiet=args.quiet, keys=curve, allowed_clients=allowed,
                        peer_timeout_s=args.peer_timeout, resume_timeout_s=args.resume_timeout,
-                       max_sessions=args.max_sessions)
+                       max_sessions=args.max_sessions, advertise=args.advertise)
     daemon = DestDaemon(opts)
     if args.ready_file:
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:
             f.write(daemon.endpoint)
         os.replace(tmp, args.ready_file)
-    reports = daemon.serve()
-    return 0 if all(r["ok"] for r in reports) else 1
+    daemon.serve()
+    return 0 if daemon.failures == 0 else 1

@@ -175,8 +175,12 @@ def listen(ctx: zmq.Context, endpoint: str, keys: CurveKeys | None = None, *,
     return sock
 
 
+WILDCARD_HOSTS = ("*", "0.0.0.0", "::")
+
+
 def bind_channel(ctx: zmq.Context, host: str, keys: CurveKeys | None = None, *,
-                 peer: bytes | None = None) -> tuple[zmq.Socket, str]:
+                 peer: bytes | None = None, advertise: str | None = None
+                 ) -> tuple[zmq.Socket, str]:
     """A per-session DEALER bound to an ephemeral port on ``host``; returns it and its endpoint.
     With ``keys``, only the CURVE client ``peer`` (the key that sent the session's HELLO, see
     ``peer_key``) may connect, so another client cannot join a migration's channels."""
@@ -188,7 +192,11 @@ def bind_channel(ctx: zmq.Context, host: str, keys: CurveKeys | None = None, *,
     _apply_curve_server(sock, keys)
     wildcard = f"tcp://{host}" if ":" not in host else f"tcp://[{host}]"
     port = sock.bind_to_random_port(wildcard)
-    return sock, f"{wildcard}:{port}"
+    # A channel bound on every address is advertised under the name peers can reach.
+    shown = advertise or host
+    if shown in WILDCARD_HOSTS:
+        raise ValueError(f"a channel bound on {host!r} needs an address to advertise")
+    return sock, (f"tcp://{shown}" if ":" not in shown else f"tcp://[{shown}]") + f":{port}"
 
 
 def connect(ctx: zmq.Context, endpoint: str, keys: CurveKeys | None = None, *,

@@ -227,3 +227,40 @@ def test_migration_across_network_namespaces() -> None:
     finally:
         subprocess.run(["ip", "netns", "del", ns_src], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", ns_dst], capture_output=True, check=False)
+
+
+def test_listening_on_every_address_needs_an_advertised_one(tmp_path):
+    """WELCOME must name an address a source can reach: tcp://*:PORT alone is refused, and with
+    --advertise the channels are announced under that address and the migration works."""
+    import json
+
+    keys = tmp_path / "keys"
+    for name in ("src", "dst"):
+        subprocess.run([sys.executable, "-P", "-m", "migrate", "keygen", name, "--dir",
+                        str(keys)], check=True, capture_output=True)
+    auth = ["--key", str(keys / "dst.key"), "--allow", str(keys / "src.key_public")]
+    refused = subprocess.run([sys.executable, "-P", "-m", "migrate", "dest", "--listen",
+                              "tcp://*:0", "--count", "0", *auth],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--advertise" in refused.stderr
+    ready = tmp_path / "endpoint"
+    d = subprocess.Popen([sys.executable, "-P", "-m", "migrate", "dest", "--listen",
+                          "tcp://0.0.0.0:*", "--advertise", "127.0.0.1", "--count", "1",
+                          "--quiet", "--ready-file", str(ready), *auth])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert d.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        port = ready.read_text().strip().rsplit(":", 1)[1]
+        out = subprocess.run([sys.executable, "-P", "-m", "migrate", "source", "--to",
+                              f"tcp://127.0.0.1:{port}", "--memory", "16M", "--after", "0.2",
+                              "--json", "--quiet", "--key", str(keys / "src.key"),
+                              "--server-key", str(keys / "dst.key_public")],
+                             capture_output=True, text=True, timeout=300)
+        r = json.loads(out.stdout)
+        assert r["ok"], r.get("error")
+        assert d.wait(60) == 0
+    finally:
+        if d.poll() is None:
+            d.kill()
