@@ -247,16 +247,7 @@ class GuestHandle:
                "--backing", backing, "--workload", workload, "--seed", str(seed),
                "--ops", str(ops), "--parent", str(os.getpid())]
         self.role = role
-        policy = os.environ.get("MIGRATE_GUEST_SCHED", "")
-
-        def lower_priority() -> None:
-            if policy == "idle":
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            elif policy.startswith("nice"):
-                os.nice(int(policy[4:]))
-
-        self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
-                                     preexec_fn=lower_priority if policy else None)
+        self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
         child.close()
         self.sock = parent
         self.sock.settimeout(ready_timeout)
