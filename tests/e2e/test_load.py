@@ -26,7 +26,6 @@ from typing import Any
 import psutil
 import pytest
 
-from migrate.check import capabilities
 
 MIB = 1 << 20
 # glibc raises its mmap threshold after the first large free, and later large buffers then come
@@ -36,18 +35,8 @@ MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
 RSS_SLACK = 8 * MIB
 LEAK_SLACK = 2 * MIB
 SETTLE_S = 20.0
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("migration_capable")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_migration_features() -> None:
-    caps = capabilities()
-    u = caps.get("userfaultfd") or {}
-    if not u.get("available"):
-        pytest.skip(f"userfaultfd unavailable: {u.get('error')}")
-    missing = [f for f in ("WP_ASYNC", "WP_UNPOPULATED") if not u["features_supported"].get(f)]
-    if missing or not caps.get("pagemap_scan"):
-        pytest.skip(f"kernel {caps['kernel']} lacks dirty tracking ({missing or 'PAGEMAP_SCAN'})")
 
 
 def usage(proc: psutil.Process) -> dict[str, int]:

@@ -25,21 +25,10 @@ import pytest
 import zmq
 
 from migrate import keys, protocol, source, transport
-from migrate.check import capabilities
 
 MIB = 1 << 20
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("migration_capable")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_migration_features() -> None:
-    caps = capabilities()
-    u = caps.get("userfaultfd") or {}
-    if not u.get("available"):
-        pytest.skip(f"userfaultfd unavailable: {u.get('error')}")
-    missing = [f for f in ("WP_ASYNC", "WP_UNPOPULATED") if not u["features_supported"].get(f)]
-    if missing or not caps.get("pagemap_scan"):
-        pytest.skip(f"kernel {caps['kernel']} lacks dirty tracking ({missing or 'PAGEMAP_SCAN'})")
 
 
 class Dest:
