@@ -70,6 +70,8 @@ class ProbeResult:
     si_code: int
     si_code_name: str | None
     si_addr: int | None
+    trapno: int | None = None  # x86-64: the trap number from the signal frame (14 = #PF)
+    error_code: int | None = None  # x86-64: the #PF error code from the signal frame
 
     @property
     def code(self) -> str | None:
@@ -89,7 +91,7 @@ def probe(address: int, kind: Literal["read", "write", "fetch"] = "read") -> Pro
     signo, code = int(out.signo), int(out.code)
     name = SI_CODE_NAMES.get(signo, {}).get(code, f"si_code {code}")
     return ProbeResult(True, signo, _SIGNAL_NAMES.get(signo, str(signo)), code, name,
-                       int(out.addr))
+                       int(out.addr), int(out.trapno), int(out.err))
 
 
 def now_ns() -> int:

@@ -6,90 +6,11 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
-#include <setjmp.h>
-#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/ucontext.h>
 #include <time.h>
 #include <unistd.h>
-
-#define LAB_READ 0
-#define LAB_WRITE 1
-#define LAB_FETCH 2
-
-struct lab_fault {
-	int faulted;
-	int signo;
-	int code;
-	uint64_t addr;
-	uint64_t trapno;
-	uint64_t err;
-	int64_t ret;
-};
-
-static pthread_mutex_t lab_probe_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct sigaction lab_old_segv, lab_old_bus;
-static __thread sigjmp_buf lab_probe_env;
-static __thread volatile sig_atomic_t lab_probe_active;
-static __thread struct lab_fault lab_seen;
-
-static void lab_probe_handler(int signo, siginfo_t *info, void *ctx)
-{
-	ucontext_t *uc = (ucontext_t *)ctx;
-	if (!lab_probe_active) {
-		sigaction(signo, signo == SIGSEGV ? &lab_old_segv : &lab_old_bus, NULL);
-		return;
-	}
-	lab_probe_active = 0;
-	lab_seen.faulted = 1;
-	lab_seen.signo = signo;
-	lab_seen.code = info->si_code;
-	lab_seen.addr = (uint64_t)(uintptr_t)info->si_addr;
-#if defined(__x86_64__)
-	/* arch/x86/kernel/signal.c setup_sigcontext: trapno and err come from the fault. */
-	lab_seen.trapno = (uint64_t)uc->uc_mcontext.gregs[REG_TRAPNO];
-	lab_seen.err = (uint64_t)uc->uc_mcontext.gregs[REG_ERR];
-#else
-	(void)uc;
-#endif
-	siglongjmp(lab_probe_env, 1);
-}
-
-int lab_fault_probe(uint64_t addr, int kind, int value, struct lab_fault *out)
-{
-	struct sigaction sa;
-	if (kind < LAB_READ || kind > LAB_FETCH)
-		return -EINVAL;
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_sigaction = lab_probe_handler;
-	sa.sa_flags = SA_SIGINFO | SA_NODEFER;
-	sigemptyset(&sa.sa_mask);
-	pthread_mutex_lock(&lab_probe_lock);
-	if (sigaction(SIGSEGV, &sa, &lab_old_segv) < 0 || sigaction(SIGBUS, &sa, &lab_old_bus) < 0) {
-		int err = errno;
-		pthread_mutex_unlock(&lab_probe_lock);
-		return -err;
-	}
-	memset(&lab_seen, 0, sizeof(lab_seen));
-	if (sigsetjmp(lab_probe_env, 1) == 0) {
-		volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)addr;
-		lab_probe_active = 1;
-		if (kind == LAB_READ)
-			lab_seen.ret = *p;
-		else if (kind == LAB_WRITE)
-			*p = (uint8_t)value;
-		else
-			lab_seen.ret = ((int (*)(void))(uintptr_t)addr)();
-		lab_probe_active = 0;
-	}
-	sigaction(SIGSEGV, &lab_old_segv, NULL);
-	sigaction(SIGBUS, &lab_old_bus, NULL);
-	*out = lab_seen;
-	pthread_mutex_unlock(&lab_probe_lock);
-	return 0;
-}
 
 /* Size of the [stack] VMA, or 0. */
 static uint64_t lab_stack_vma_size(void)

@@ -1,24 +1,6 @@
-/* The lab's native helpers (migrate/lab): a fault probe that also reports the trap number and
- * the #PF error code the kernel puts in the signal frame, a recursion that deepens the main
- * thread's stack, a spinning thread pinned to a CPU, and a dependent random-access walk. */
-
-#define LAB_READ ...
-#define LAB_WRITE ...
-#define LAB_FETCH ...
-
-struct lab_fault {
-    int faulted;
-    int signo;
-    int code;
-    uint64_t addr;     /* si_addr */
-    uint64_t trapno;   /* uc_mcontext.gregs[REG_TRAPNO]: 14 for #PF */
-    uint64_t err;      /* uc_mcontext.gregs[REG_ERR]: the #PF error code */
-    int64_t ret;       /* what a fetched function returned (eax), when it did not fault */
-};
-
-/* One access at addr: LAB_READ a byte, LAB_WRITE the byte value (a real store), or LAB_FETCH
- * (call addr as int (*)(void)). Returns 0 (out filled) or -errno. Serialised by a mutex. */
-int lab_fault_probe(uint64_t addr, int kind, int value, struct lab_fault *out);
+/* The lab's native helpers (migrate/lab): a recursion that deepens the main thread's stack, a
+ * spinning thread pinned to a CPU, and a dependent random-access walk. (Its fault probe is
+ * native/probe.c's mig_probe_value, which also reports the trap number and #PF error code.) */
 
 /* Recurse until about total_bytes of stack are in use, frame_bytes per level (each frame's
  * buffer written, so the pages are really touched). Every sample_every levels, the size of the

@@ -13,6 +13,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
+#include <sys/ucontext.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -27,6 +28,9 @@ struct mig_probe_result {
 	int signo;
 	int code;
 	uint64_t addr;
+	uint64_t trapno;
+	uint64_t err;
+	int64_t ret;
 };
 
 static pthread_mutex_t mig_probe_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -37,7 +41,7 @@ static __thread struct mig_probe_result mig_probe_seen;
 
 static void mig_probe_handler(int signo, siginfo_t *info, void *ctx)
 {
-	(void)ctx;
+	ucontext_t *uc = (ucontext_t *)ctx;
 	if (!mig_probe_active) {
 		/* Not our probe (another thread, or a real bug): put the previous action back and
 		 * return, so the faulting instruction re-executes under it. */
@@ -49,17 +53,30 @@ static void mig_probe_handler(int signo, siginfo_t *info, void *ctx)
 	mig_probe_seen.signo = signo;
 	mig_probe_seen.code = info->si_code;
 	mig_probe_seen.addr = (uint64_t)(uintptr_t)info->si_addr;
+#if defined(__x86_64__)
+	/* arch/x86/kernel/signal.c setup_sigcontext: trapno and err come from the fault. */
+	mig_probe_seen.trapno = (uint64_t)uc->uc_mcontext.gregs[REG_TRAPNO];
+	mig_probe_seen.err = (uint64_t)uc->uc_mcontext.gregs[REG_ERR];
+#else
+	(void)uc;
+#endif
 	siglongjmp(mig_probe_env, 1);
 }
 
-static void mig_probe_access(uint64_t addr, int kind)
+/* value < 0: the harmless access of mig_probe (a write keeps the byte); value >= 0: a real store
+ * of that byte, and the value read or returned is kept in mig_probe_seen.ret. */
+static void mig_probe_access(uint64_t addr, int kind, int value)
 {
 	volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)addr;
 	switch (kind) {
 	case MIG_PROBE_READ:
-		(void)*p;
+		mig_probe_seen.ret = *p;
 		break;
 	case MIG_PROBE_WRITE:
+		if (value >= 0) {
+			*p = (uint8_t)value;
+			break;
+		}
 		/* A write that keeps the byte's value, atomically, so probing live memory is harmless. */
 #if defined(__x86_64__)
 		__asm__ volatile("lock; addb $0, %0" : "+m"(*p) : : "memory");
@@ -68,12 +85,12 @@ static void mig_probe_access(uint64_t addr, int kind)
 #endif
 		break;
 	case MIG_PROBE_FETCH:
-		((void (*)(void))(uintptr_t)addr)();
+		mig_probe_seen.ret = ((int (*)(void))(uintptr_t)addr)();
 		break;
 	}
 }
 
-int mig_probe(uint64_t addr, int kind, struct mig_probe_result *out)
+static int mig_probe_run(uint64_t addr, int kind, int value, struct mig_probe_result *out)
 {
 	struct sigaction sa;
 	if (kind < MIG_PROBE_READ || kind > MIG_PROBE_FETCH)
@@ -93,7 +110,7 @@ int mig_probe(uint64_t addr, int kind, struct mig_probe_result *out)
 	memset(&mig_probe_seen, 0, sizeof(mig_probe_seen));
 	if (sigsetjmp(mig_probe_env, 1) == 0) {
 		mig_probe_active = 1;
-		mig_probe_access(addr, kind);
+		mig_probe_access(addr, kind, value);
 		mig_probe_active = 0;
 	}
 	sigaction(SIGSEGV, &mig_probe_old_segv, NULL);
@@ -101,6 +118,18 @@ int mig_probe(uint64_t addr, int kind, struct mig_probe_result *out)
 	*out = mig_probe_seen;
 	pthread_mutex_unlock(&mig_probe_lock);
 	return 0;
+}
+
+int mig_probe(uint64_t addr, int kind, struct mig_probe_result *out)
+{
+	return mig_probe_run(addr, kind, -1, out);
+}
+
+int mig_probe_value(uint64_t addr, int kind, int value, struct mig_probe_result *out)
+{
+	if (value < 0 || value > 255)
+		return -EINVAL;
+	return mig_probe_run(addr, kind, value, out);
 }
 
 uint64_t mig_now_ns(void)

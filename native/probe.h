@@ -21,12 +21,18 @@ struct mig_probe_result {
     int faulted;
     int signo;
     int code;
-    uint64_t addr;
+    uint64_t addr;     /* si_addr */
+    uint64_t trapno;   /* x86-64: uc_mcontext.gregs[REG_TRAPNO] (14 for #PF), else 0 */
+    uint64_t err;      /* x86-64: uc_mcontext.gregs[REG_ERR], the #PF error code, else 0 */
+    int64_t ret;       /* mig_probe_value: the byte read, or what a fetched function returned */
 };
 
 /* Access addr (read one byte, write it back unchanged atomically, or call it) and report whether
  * it raised SIGSEGV/SIGBUS. One probe at a time per process (a mutex serialises callers). */
 int mig_probe(uint64_t addr, int kind, struct mig_probe_result *out);
+/* The same, but a write stores ``value`` (a real store that changes memory) and a fetch calls addr
+ * as int (*)(void), keeping what it returns (or the byte read) in out->ret. */
+int mig_probe_value(uint64_t addr, int kind, int value, struct mig_probe_result *out);
 
 uint64_t mig_now_ns(void);
 int mig_gettid(void);

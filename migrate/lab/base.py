@@ -181,11 +181,12 @@ def fault_probe(address: int, kind: str = "read", value: int = 0) -> dict[str, A
     from migrate._sys import check, ffi, lib
     from migrate.probe import SI_CODE_NAMES
 
-    kinds = {"read": lib.LAB_READ, "write": lib.LAB_WRITE, "fetch": lib.LAB_FETCH}
+    kinds = {"read": lib.MIG_PROBE_READ, "write": lib.MIG_PROBE_WRITE,
+             "fetch": lib.MIG_PROBE_FETCH}
     if kind not in kinds:
         raise ValueError(f"fault_probe kind must be one of {sorted(kinds)}, not {kind!r}")
-    out = ffi.new("struct lab_fault *")
-    check(lib.lab_fault_probe(address, kinds[kind], value, out), f"lab_fault_probe({kind})")
+    out = ffi.new("struct mig_probe_result *")
+    check(lib.mig_probe_value(address, kinds[kind], value, out), f"mig_probe_value({kind})")
     if not out.faulted:
         return {"faulted": False, "ret": int(out.ret)}
     signo, code = int(out.signo), int(out.code)

@@ -34,6 +34,21 @@ def test_write_to_read_only_page_gives_accerr_and_reads_still_work():
         assert region[0] == 0x5A
 
 
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64",
+                    reason="the #PF error code comes from the x86-64 signal frame")
+def test_probe_reports_the_page_fault_error_code_from_the_signal_frame():
+    # SDM Vol. 3A 4.7: P (bit 0) = 1 for a protection violation on a present page, W/R (bit 1)
+    # for a write, U/S (bit 2) for user mode. A PROT_NONE PTE is not present to the hardware.
+    with Region.anonymous(PAGE_SIZE) as region:
+        region[0] = 1
+        region.protect("r")
+        ro_write = probe(region.address, "write")
+        region.protect("none")
+        none_read = probe(region.address, "read")
+    assert (ro_write.trapno, ro_write.error_code) == (14, 0x7)
+    assert (none_read.trapno, none_read.error_code) == (14, 0x4)
+
+
 def test_unmapped_address_gives_maperr():
     addr = memory.mmap(PAGE_SIZE)
     memory.munmap(addr, PAGE_SIZE)
