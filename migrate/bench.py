@@ -10,7 +10,8 @@ import argparse
 import importlib
 import json
 import sys
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 # target -> ("module:function", help). The function takes the parsed args and returns a dict.
 TARGETS: dict[str, tuple[str, str]] = {

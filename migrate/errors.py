@@ -23,11 +23,13 @@ class CapabilityError(MigrateError):
 
 
 class ProtocolError(MigrateError):
-    """A peer sent something the wire protocol does not allow (malformed, oversized, out of order)."""
+    """A peer sent something the wire protocol does not allow (malformed, oversized, or out of
+    order)."""
 
 
 class MigrationError(MigrateError):
-    """A migration failed; ``phase`` names where (handshake, precopy, switchover, postcopy, verify)."""
+    """A migration failed; ``phase`` names where (handshake, precopy, switchover, postcopy,
+    verify)."""
 
     def __init__(self, phase: str, cause: str) -> None:
         super().__init__(f"migration failed during {phase}: {cause}")

@@ -253,7 +253,6 @@ class GuestHandle:
         self.sock.settimeout(ready_timeout)
         self.progress_ops = 0
         self.progress_init = 0  # init steps (preloading the table, building the chain, ...)
-        self.exit_status: int | None = None
         try:
             msg, fds = _recv(self.sock, with_fds=True)
         except (TimeoutError, EOFError, OSError) as exc:
@@ -400,7 +399,6 @@ class GuestHandle:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        self.exit_status = self.proc.returncode
 
     def close(self) -> None:
         """Tell the guest to exit, then make sure it did; release every fd we hold."""
@@ -414,7 +412,6 @@ class GuestHandle:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.kill()
-        self.exit_status = self.proc.returncode
         for fd in (self.uffd_fd, self.memfd):
             if fd is not None:
                 try:

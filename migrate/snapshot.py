@@ -47,7 +47,6 @@ class SnapshotWriter(threading.Thread):
         self.state = dict(state)
         self.digest: str | None = None
         self.error: str | None = None
-        self.written_pages = 0
 
     def run(self) -> None:
         try:
@@ -84,7 +83,6 @@ class SnapshotWriter(threading.Thread):
                         j += 1
                     os.pwrite(fd, view[i * page:j * page], (first + i) * page)
                     i = j
-                self.written_pages = first + count
             os.fsync(fd)
         finally:
             os.close(fd)

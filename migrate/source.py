@@ -149,8 +149,7 @@ class SourceMigration:
             if msg.TYPE != MsgType.PING:
                 return msg
 
-    def _read_pages(self, indexes: list[int] | range, present: bool | None = None
-                    ) -> tuple[bytes, bytes]:
+    def _read_pages(self, indexes: list[int] | range) -> tuple[bytes, bytes]:
         """(zero flags, data of the non-zero pages) for ``indexes`` of the guest's region."""
         page = self.page
         n = len(indexes)
@@ -229,7 +228,6 @@ class SourceMigration:
     def run(self) -> dict[str, Any]:
         if self.opts.resume_dir:
             return self._run_resumed()
-        clock = Stopwatch()
         try:
             self._start_guest()
             self._connect()
@@ -242,7 +240,7 @@ class SourceMigration:
             self.phase = "postcopy"
             self._postcopy()
             self.phase = "verify"
-            return self._verify(clock)
+            return self._verify()
         except (MigrateError, OSError, zmq.ZMQError) as exc:
             report = self._failed(exc)
             report["guest_at_source"] = self._recover_at_source()
@@ -253,7 +251,6 @@ class SourceMigration:
 
     def _run_resumed(self) -> dict[str, Any]:
         """Take over a post-copy session from a snapshot left by a source that died."""
-        clock = Stopwatch()
         try:
             self.phase = "resume"
             snap = self.snapshot = Snapshot(self.opts.resume_dir)
@@ -285,7 +282,7 @@ class SourceMigration:
             self.phase = "postcopy"
             self._postcopy()
             self.phase = "verify"
-            report = self._verify(clock)
+            report = self._verify()
             report["resumed_from_snapshot"] = str(self.opts.resume_dir)
             return report
         except (MigrateError, OSError, zmq.ZMQError, SnapshotError) as exc:
@@ -446,7 +443,6 @@ class SourceMigration:
             else:
                 discard = array("I", final)
         self.paused = True
-        self.switchover_ns = t_pause
         msg = protocol.Switchover(self.seq, discard.tobytes(), self.paused_ops,
                                   time.monotonic_ns() - t_pause)
         self._send(self.urgent, msg)
@@ -460,7 +456,6 @@ class SourceMigration:
             self._start_snapshot()
         self.downtime_ns = time.monotonic_ns() - t_pause
         self.resume_ns = reply.resume_ns
-        self.switch_clock = Stopwatch()
 
     def _start_snapshot(self) -> None:
         o = self.opts
@@ -590,7 +585,7 @@ class SourceMigration:
         self.counts["pushed"] += len(batch)
         return batch[-1] + 1
 
-    def _verify(self, clock: Stopwatch) -> dict[str, Any]:
+    def _verify(self) -> dict[str, Any]:
         """Compare the destination's received digest with the paused region; final report."""
         source_hashes = self._region_hashes()
         source_digest = digest.digest_of_hashes(source_hashes)

@@ -56,13 +56,6 @@ class LatencyRecorder:
             "histogram": self.histogram(),
         }
 
-    def merge(self, other: LatencyRecorder) -> None:
-        self.count += other.count
-        for k, n in enumerate(other.buckets):
-            self.buckets[k] += n
-        room = MAX_SAMPLES - len(self.samples)
-        self.samples.extend(other.samples[:room])
-
 
 class Stopwatch:
     """Monotonic nanosecond timer for phases."""
