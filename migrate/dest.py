@@ -5,13 +5,15 @@ One listening ROUTER takes HELLOs. Each migration gets a ``DestSession`` in its 
 1. pre-start a guest process on an empty region registered for MISSING faults (so downtime is not
    a process spawn) and adopt its uffd;
 2. bind the per-session urgent and bulk channels and answer WELCOME;
-3. install pre-copy pages as they arrive (UFFDIO_COPY for a page seen the first time, straight
-   from the received frame; process_vm_writev for a page sent again because it was written since);
-4. at SWITCHOVER, install every bulk message up to the named sequence number, have the guest drop
-   the discarded pages, let it run, answer RESUMED;
-5. post-copy: one thread polls the uffd and both channels; a fault becomes a REQUEST, its reply is
-   installed with UFFDIO_COPY (DONTWAKE per page, one WAKE per run); pushed pages are installed the
-   same way; EEXIST (a race between push and fault) is success;
+3. keep pre-copy pages aside as they arrive (``staging.Staging``: the daemon's own memory; a page
+   sent again replaces its staged copy);
+4. at SWITCHOVER, take every bulk message up to the named sequence number, let the guest run,
+   answer RESUMED; in hybrid mode the source then names the stale staged pages (STALE);
+5. post-copy: one thread polls the uffd and both channels; a fault on a staged page is resolved
+   here from the staged copy, any other fault becomes a REQUEST whose reply is installed with
+   UFFDIO_COPY straight from the received frame; pushed pages are installed the same way (DONTWAKE
+   per page, one WAKE per run), and staged pages in whole runs between them; EEXIST (a race
+   between push and fault) is success;
 6. when every page is present: COMPLETE with the digest of the pages as received, then wait for
    the guest to finish its workload and compare its digest with a reference run's.
 """
@@ -32,10 +34,11 @@ from typing import Any
 import psutil
 import zmq
 
-from migrate import digest, memory, protocol, transport, uffd
+from migrate import digest, protocol, transport, uffd
 from migrate.errors import MigrateError, MigrationError, ProtocolError
 from migrate.guest import GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
+from migrate.staging import Staging
 from migrate.stats import LatencyRecorder
 
 ZERO_PAGE_HASH = digest.page_hashes(bytes(4096))[0]
@@ -49,6 +52,8 @@ SWEEP_PAGES = 256  # at most this many missing pages requested per sweep
 REPEAT_S = 1.0  # COMPLETE / REPORT repeated at this period until answered
 REPORT_REPEATS = 5
 REPORT_HISTORY = 1000  # reports a long-running destination daemon keeps
+LOCAL_BATCH_PAGES = 128  # staged pages installed per loop turn (one UFFDIO_COPY per run)
+LOCAL_AROUND = 16  # staged pages installed with a faulting one
 DEFAULT_RESUME_TIMEOUT_S = 60.0  # how long a source with a snapshot may take to come back
 
 
@@ -77,7 +82,8 @@ class SessionReport:
     workload: dict[str, Any] = field(default_factory=dict)
     mode: str = ""
     pages: dict[str, int] = field(default_factory=lambda: {
-        "precopy": 0, "resent": 0, "pushed": 0, "demand": 0, "zero": 0, "discarded": 0})
+        "precopy": 0, "resent": 0, "pushed": 0, "demand": 0, "zero": 0, "discarded": 0,
+        "local": 0})
     faults: int = 0
     fault_latency: LatencyRecorder = field(default_factory=LatencyRecorder)
     request_latency: LatencyRecorder = field(default_factory=LatencyRecorder)  # event -> sent
@@ -94,11 +100,13 @@ class SessionReport:
     source_restarts: int = 0  # sources that resumed the session from the snapshot
     retries: int = 0  # fault requests sent again because no reply came
     swept: int = 0  # missing pages asked for by the sweep
+    local_faults: int = 0  # faults resolved from staged pages, without asking the source
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok, "phase": self.phase, "error": self.error, "mode": self.mode,
             "workload": self.workload, "pages": dict(self.pages), "faults": self.faults,
+            "local_faults": self.local_faults,
             "fault_latency_us": self.fault_latency.report(), "resume_ns": self.resume_ns,
             "fault_stages_us": {
                 "dest_request_p50": self.request_latency.percentile_us(50),
@@ -130,6 +138,7 @@ class DestSession:
         self.present = bytearray()
         self.present_count = 0
         self.hashes = array("Q")
+        self.staging: Staging | None = None  # pre-copied pages not yet in the guest
         self.pending: dict[int, tuple[int, int]] = {}  # page index -> (request id, t_ns)
         self.next_request = 1
         self.bulk_seq = 0
@@ -203,37 +212,35 @@ class DestSession:
     # -- installing pages -------------------------------------------------------------------
 
     def install(self, msg: protocol.Pages, *, wake: bool) -> int:
-        """Install a batch. New pages go in with UFFDIO_COPY/ZEROPAGE straight from the frame; pages
-        already present (sent again after being written) are overwritten in the guest's memory.
-        Returns how many pages became present."""
+        """Take one PAGES batch. Pre-copy pages are staged (kept aside until the guest may have
+        them); pages sent after the switchover go into the guest with UFFDIO_COPY/ZEROPAGE
+        straight from the frame, except those already present (the guest owns them now: a late
+        copy is dropped). Returns how many pages became present."""
         assert self.fd is not None and self.guest is not None
         idx = msg.index_array()
         zero = msg.zero
         buf = msg.data.buffer if hasattr(msg.data, "buffer") else memoryview(msg.data)
+        if msg.kind in (Batch.PRECOPY, Batch.FINAL):
+            if self.report.phase not in ("precopy", "switchover"):
+                raise ProtocolError(f"a {Batch(msg.kind).name} batch after the guest runs here")
+            if self.staging is None:
+                self.staging = Staging(self.npages, self.page)
+            first_time, again = self.staging.store(idx, zero, buf, self.hashes)
+            self.report.pages["zero"] += zero.count(1)
+            self.report.pages["precopy"] += first_time
+            self.report.pages["resent"] += again
+            return 0
         page, base, present = self.page, self.base, self.present
-        # Only a pre-copy batch may overwrite a present page (it was written at the source after
-        # it was sent). After switchover the guest owns present pages: a late copy is dropped,
-        # and a pre-copy batch then is a protocol violation (it would overwrite live pages).
-        overwrite = msg.kind in (Batch.PRECOPY, Batch.FINAL)
-        if overwrite and self.report.phase not in ("precopy", "switchover"):
-            raise ProtocolError(f"a {Batch(msg.kind).name} batch after the guest runs here")
+        stage = self.staging.state if self.staging is not None else None
         new_addrs, new_off = array("Q"), []
         new_zero = array("Q")
-        old_addrs, old_off = array("Q"), []
-        old_zero = array("Q")
         off = 0
         for i, p in enumerate(idx):
             if zero[i]:
                 if not present[p]:
                     new_zero.append(base + p * page)
-                elif overwrite:
-                    old_zero.append(base + p * page)
                 continue
-            if present[p]:
-                if overwrite:
-                    old_addrs.append(base + p * page)
-                    old_off.append(off)
-            else:
+            if not present[p]:
                 new_addrs.append(base + p * page)
                 new_off.append(off)
             off += page
@@ -246,13 +253,8 @@ class DestSession:
                 installed += self.fd.copy_pages(new_addrs, gathered, page, wake=wake)
         if new_zero:
             installed += self.fd.zero_pages(new_zero, page, wake=wake)
-        if old_addrs:
-            data = b"".join(buf[o:o + page] for o in old_off)
-            self._overwrite(old_addrs, data)
-        if old_zero:
-            self._overwrite(old_zero, bytes(page * len(old_zero)))
         # Remember what is installed (hash of the version each page holds) for the transfer check:
-        # after switchover a page already present keeps the version it got first.
+        # a page already present keeps the version it got first.
         if off:
             data_hashes = digest.page_hashes(buf[:off], page)
         k = 0
@@ -267,19 +269,14 @@ class DestSession:
                 present[p] = 1
                 self.present_count += 1
                 hashes[p] = h
-            elif overwrite:
-                hashes[p] = h
+                if stage is not None:
+                    stage[p] = 0  # a staged copy (stale, or not yet known fresh) is now moot
         n = len(idx)
-        nz = zero.count(1)
-        self.report.pages["zero"] += nz
-        kind = msg.kind
-        if kind == Batch.DEMAND:
+        self.report.pages["zero"] += zero.count(1)
+        if msg.kind == Batch.DEMAND:
             self.report.pages["demand"] += n
-        elif kind == Batch.PUSH:
-            self.report.pages["pushed"] += n
         else:
-            self.report.pages["precopy"] += n - len(old_addrs) - len(old_zero)
-            self.report.pages["resent"] += len(old_addrs) + len(old_zero)
+            self.report.pages["pushed"] += n
         return installed
 
     def _install_first(self, msg: protocol.Pages, index: int) -> None:
@@ -301,14 +298,42 @@ class DestSession:
         self.present[index] = 1
         self.present_count += 1
         self.hashes[index] = h
+        if self.staging is not None:
+            self.staging.state[index] = 0
 
-    def _overwrite(self, addrs: array, data: bytes) -> None:
-        assert self.guest is not None
-        done = memory.write_process_pages(self.guest.pid, addrs, self.page, data)
-        if done != len(data):
-            raise MigrationError(self.report.phase,
-                                 f"process_vm_writev wrote {done} of {len(data)} bytes into the "
-                                 f"guest (first page {addrs[0]:#x})")
+    def _installable_here(self, index: int) -> bool:
+        """A fresh staged copy of the page is here (no need to ask the source)."""
+        st = self.staging
+        return st is not None and st.stale_known and st.state[index] != 0
+
+    def _install_staged(self, first: int, limit: int) -> None:
+        """A fault on a staged page: install the staged pages of [first, first + limit) (the
+        faulting one wakes its thread), no round trip."""
+        assert self.fd is not None and self.staging is not None
+        _, newly = self.staging.install(self.fd.fileno(), self.base, self.present, first,
+                                        min(self.npages, first + limit), limit)
+        self.present_count += newly
+        self.report.pages["local"] += newly
+
+    def _install_staged_batch(self) -> bool:
+        """Background: a batch of staged pages into the guest. False when none is left."""
+        st = self.staging
+        if st is None or not st.stale_known:
+            return False
+        assert self.fd is not None
+        newly = st.install_next(self.fd.fileno(), self.base, self.present, LOCAL_BATCH_PAGES)
+        if newly is None:
+            self._release_staging()
+            return False
+        self.present_count += newly
+        self.report.pages["local"] += newly
+        self._maybe_complete()
+        return True
+
+    def _release_staging(self) -> None:
+        if self.staging is not None:
+            self.staging.close()
+            self.staging = None
 
     # -- the session loop -------------------------------------------------------------------
 
@@ -329,11 +354,11 @@ class DestSession:
         self.report.error = cause
         self.report.ok = False
         self.daemon.log(f"migration failed during {phase}: {cause}")
-        if self.urgent is not None and not self.conn.finished:
+        frames = self.conn.error_frames(phase, cause)
+        if self.urgent is not None and frames is not None:
             try:
-                frames = self.conn.send(protocol.Error(phase, cause[:protocol.MAX_STRING]))
                 transport.send_frames(self.urgent, frames, flags=zmq.NOBLOCK)
-            except (ProtocolError, zmq.ZMQError):
+            except zmq.ZMQError:
                 pass
 
     def _cleanup(self) -> None:
@@ -343,6 +368,7 @@ class DestSession:
             self.guest.close()
         if self.fd is not None:
             self.fd.close()
+        self._release_staging()
         for sock in (self.urgent, self.bulk):
             if sock is not None:
                 sock.close(linger=0)
@@ -373,8 +399,9 @@ class DestSession:
         self.last_heard = time.monotonic()
         last_bulk = self.last_heard
         last_tick = 0.0
+        local_work = False
         while not self.finished:
-            ready = dict(poller.poll(int(TICK_S * 1000)))
+            ready = dict(poller.poll(0 if local_work else int(TICK_S * 1000)))
             now = time.monotonic()
             if uffd_fd in ready:
                 self._on_faults()
@@ -398,6 +425,8 @@ class DestSession:
                 if frames is not None:
                     self.last_heard = last_bulk = now
                     self._on_bulk(self.conn.receive(frames))
+            # Staged pages go in between network messages, one run per turn.
+            local_work = self._install_staged_batch()
             if guest_fd in ready:
                 for msg in self.guest.poll_messages():
                     if msg["type"] == "done":
@@ -472,7 +501,7 @@ class DestSession:
         index = present.find(0)
         now_ns = time.monotonic_ns()
         while 0 <= index and asked < SWEEP_PAGES:
-            if index not in pending:
+            if index not in pending and not self._installable_here(index):
                 req = self.next_request
                 self.next_request += 1
                 pending[index] = (req, now_ns, now_ns)
@@ -493,6 +522,11 @@ class DestSession:
                 raise MigrationError("postcopy", f"fault at {ev.address:#x} outside the region")
             if self.present[index]:
                 self.fd.wake(base + index * page, page)  # installed meanwhile: just wake it
+                continue
+            if self._installable_here(index):
+                self.report.local_faults += 1
+                self._install_staged(index, LOCAL_AROUND)
+                self._maybe_complete()
                 continue
             if index in self.pending:
                 continue
@@ -528,6 +562,11 @@ class DestSession:
         elif t == MsgType.SWITCHOVER:
             assert isinstance(msg, protocol.Switchover)
             self._switchover(msg)
+        elif t == MsgType.STALE:
+            assert isinstance(msg, protocol.Stale)
+            if self.staging is not None and not self.staging.stale_known:
+                self.report.pages["discarded"] = self.staging.drop(msg.page_array())
+                self.staging.stale_known = True
         elif t == MsgType.VERIFIED:
             assert isinstance(msg, protocol.Verified)
             if not self.report.source_digest:
@@ -586,7 +625,7 @@ class DestSession:
                 self._sweep_missing()  # every page was sent once: what is missing was lost
 
     def _switchover(self, msg: protocol.Switchover) -> None:
-        """Install everything sent before the pause, drop what was written since, resume."""
+        """Take everything sent before the pause, let the guest run here."""
         assert self.guest is not None and self.bulk is not None
         t0 = time.monotonic_ns()
         self.report.phase = "switchover"
@@ -594,24 +633,24 @@ class DestSession:
             if not self.bulk.poll(int(self.opts.peer_timeout_s * 1000)):
                 raise MigrationError("switchover", "bulk pages named by SWITCHOVER never came")
             self._on_bulk(self.conn.receive(transport.recv_frames(self.bulk)))
-        discard = msg.discard_array()
-        for p in discard:
-            if self.present[p]:
-                self.present[p] = 0
-                self.present_count -= 1
-        self.report.pages["discarded"] = len(discard)
-        self.guest.go(discard)
+        if self.staging is not None:
+            # A SWITCHOVER may name stale pages itself; pre-copy mode sent the last ones while
+            # the source was paused, so everything staged is current and may go in now.
+            self.report.pages["discarded"] = self.staging.drop(msg.discard_array())
+            if self.report.mode == "precopy":
+                self.staging.stale_known = True
+        self.guest.go()
         reply = self.guest.receive(timeout=self.opts.peer_timeout_s)
         if reply["type"] != "running":
             raise GuestError(f"guest answered {reply['type']} to go")
         self.report.resume_ns = time.monotonic_ns() - t0
         self.report.phase = "postcopy"
-        missing = self.npages - self.present_count
-        self.daemon.log(f"guest {self.guest.pid} runs here now ({missing:,} of {self.npages:,} "
-                        f"pages still at the source)")
         self.postcopy_start = time.monotonic()
         assert self.urgent is not None
         self._send(self.urgent, protocol.Resumed(self.report.resume_ns))
+        staged = self.staging.remaining() if self.staging is not None else 0
+        self.daemon.log(f"guest {self.guest.pid} runs here now ({staged:,} of {self.npages:,} "
+                        f"pages staged here, the rest at the source)")
         self._maybe_complete()
 
     def _maybe_complete(self) -> None:

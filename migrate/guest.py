@@ -9,9 +9,8 @@ region (GIL released) and reports progress.
   SIGUSR1: the native workload stops at an operation boundary, the guest reports PAUSED and stops
   itself with SIGSTOP. SIGCONT + RESUME continues it (a migration that was abandoned).
 * On the **destination** the region starts empty and is registered for MISSING faults, which the
-  daemon serves. The guest waits for GO (with the pages to discard because they were written after
-  pre-copy sent them), drops those pages itself (MADV_DONTNEED is only possible from inside the
-  process), reports RUNNING, and continues the workload from the state in the region.
+  daemon serves (pre-copied pages wait in the daemon's staging memory, not here). The guest waits
+  for GO, reports RUNNING, and continues the workload from the state in the region.
 
 Control messages are msgpack maps on a SOCK_SEQPACKET socketpair (message boundaries kept).
 The guest never runs Python code that touches the region while it may be missing: all region
@@ -28,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +36,6 @@ from migrate.errors import MigrateError
 
 PAUSE_SIGNAL = signal.SIGUSR1
 MAX_CONTROL_MESSAGE = 1 << 20
-DISCARD_CHUNK_RUNS = 8192  # (first, count) pairs per control message: 64 KiB
 PROGRESS_INTERVAL_S = 0.25
 
 
@@ -69,21 +66,6 @@ def _recv(sock: socket.socket, *, with_fds: bool = False) -> tuple[dict[str, Any
     if not isinstance(msg, dict) or "type" not in msg:
         raise GuestError(f"malformed control message: {msg!r}")
     return msg, list(fds)
-
-
-def discard_runs(indexes: array) -> list[tuple[int, int]]:
-    """Coalesce sorted page indexes into (first, count) runs: one madvise per run."""
-    runs: list[tuple[int, int]] = []
-    for i in sorted(indexes):
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        elif not runs or runs[-1][0] + runs[-1][1] < i:
-            runs.append((i, 1))
-    return runs
-
-
-# ---------------------------------------------------------------------------------------------
-# The guest process
 
 
 def _die_with_parent(parent: int) -> None:
@@ -156,23 +138,10 @@ def _guest_main(args: argparse.Namespace) -> int:
     if msg["type"] == "exit":
         return 0
     if args.role == "dest":
-        # The pages to drop come in chunks of (first, count) runs (a control message is
-        # bounded), each applied as it arrives; then GO.
         go_ns = time.monotonic_ns()
-        page = memory.PAGE_SIZE
-        advice = memory.Advice.REMOVE if args.backing == "memfd" else memory.Advice.DONTNEED
-        discarded = 0
-        while msg["type"] == "discard":
-            runs = array("I")
-            runs.frombytes(msg["runs"])
-            for k in range(0, len(runs), 2):
-                region.advise(advice, runs[k] * page, runs[k + 1] * page)
-                discarded += runs[k + 1]
-            msg, _ = _recv(sock)
         if msg["type"] != "go":
             raise GuestError(f"expected go, got {msg['type']}")
-        send({"type": "running", "go_to_running_ns": time.monotonic_ns() - go_ns,
-              "discarded": discarded})
+        send({"type": "running", "go_to_running_ns": time.monotonic_ns() - go_ns})
         wl = workloads.Workload(region.view())
     elif msg["type"] != "start":
         raise GuestError(f"expected start, got {msg['type']}")
@@ -352,17 +321,9 @@ class GuestHandle:
         os.kill(self.pid, signal.SIGCONT)
         self.send({"type": "resume"})
 
-    def go(self, discard: array) -> None:
-        """Let a destination guest run, after it drops the pages in ``discard`` (sent as runs,
-        in chunks that fit a control message)."""
-        runs = array("I")
-        for first, count in discard_runs(discard):
-            runs.extend((first, count))
-            if len(runs) >= DISCARD_CHUNK_RUNS * 2:
-                self.send({"type": "discard", "runs": runs.tobytes()})
-                runs = array("I")
-        if runs:
-            self.send({"type": "discard", "runs": runs.tobytes()})
+    def go(self) -> None:
+        """Let a destination guest run (its region is empty: every page arrives by a fault
+        or by the daemon installing it)."""
         self.send({"type": "go"})
 
     def explain(self, exc: BaseException) -> str:

@@ -59,6 +59,7 @@ class MsgType(enum.IntEnum):
     SNAPSHOTTED = 17
     RESUME = 18
     RESUME_ACK = 19
+    STALE = 20
 
 
 class Batch(enum.IntEnum):
@@ -225,6 +226,24 @@ class Switchover(Message):
 
 
 @dataclass(frozen=True)
+class Stale(Message):
+    """Source -> dest (urgent), right after RESUMED: the pre-copied pages written at the source
+    after they were last sent (packed uint32). The destination holds pre-copied pages aside and
+    installs them itself once it knows which are stale; the stale ones it fetches like any missing
+    page. Sent after the guest resumes, so finding them (a dirty scan) is not part of downtime."""
+
+    TYPE = MsgType.STALE
+    HAS_DATA = True
+    DATA_FIELD = "pages"
+    count: int
+    pages: bytes
+    _schema = {"count": _u(32)}
+
+    def page_array(self) -> array:
+        return _unpack_indexes(self.pages)
+
+
+@dataclass(frozen=True)
 class Resumed(Message):
     """Dest -> source (urgent): the guest runs here now; ``resume_ns`` is the dest-side time from
     SWITCHOVER received to the guest running."""
@@ -358,7 +377,7 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, Refuse, Pages, RoundEnd, Ack, Switchover, Resumed, Request,
                 PushDone, Complete, Verified, Error, Bye, Report, Ping, Snapshotted, Resume,
-                ResumeAck)
+                ResumeAck, Stale)
 }
 
 
@@ -426,6 +445,12 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
             raise ProtocolError(f"SWITCHOVER: {len(packed) // 4} pages to discard in a region of "
                                 f"{limits.npages} pages")
         values["discard"] = _check_field("SWITCHOVER", "discard", "discard", None, packed, limits)
+    if cls is Stale:
+        packed = frames[1].bytes if hasattr(frames[1], "bytes") else bytes(frames[1])
+        if len(packed) > 4 * limits.npages or values["count"] * 4 != len(packed):
+            raise ProtocolError(f"STALE: {values['count']} pages announced, {len(packed)} bytes "
+                                f"of indexes, in a region of {limits.npages} pages")
+        values["pages"] = _check_field("STALE", "pages", "discard", None, packed, limits)
     if cls is ResumeAck:
         present = frames[1].bytes if hasattr(frames[1], "bytes") else bytes(frames[1])
         if values["pages"] != limits.npages or len(present) != limits.npages:
@@ -579,6 +604,7 @@ TRANSITIONS: dict[tuple[State, Side, MsgType], State] = {
     (State.POSTCOPY, D, MsgType.ACK): State.POSTCOPY,
     (State.POSTCOPY, D, MsgType.REQUEST): State.POSTCOPY,
     (State.POSTCOPY, S, MsgType.PUSH_DONE): State.POSTCOPY,
+    (State.POSTCOPY, S, MsgType.STALE): State.POSTCOPY,
     (State.POSTCOPY, D, MsgType.COMPLETE): State.COMPLETING,
     # A late bulk message or ack may still be in flight when the dest reports completion.
     (State.COMPLETING, S, MsgType.PAGES): State.COMPLETING,
@@ -626,6 +652,17 @@ class Connection:
         self.hello: Hello | None = None
         self.welcome: Welcome | None = None
         self.features: frozenset[str] = frozenset()
+        self.closed_by: Side | None = None  # who sent ERROR or BYE first
+
+    def error_frames(self, phase: str, message: str) -> list[Any] | None:
+        """Frames of an ERROR telling the peer why this side gives up, in any state (also after a
+        message from the peer broke the protocol: it should hear why, not time out); None when
+        an ERROR or BYE was already exchanged, or nothing was ever said."""
+        if self.closed_by is not None or self.state is State.START:
+            return None
+        self.closed_by = self.side
+        self.state = State.FAILED
+        return encode(Error(phase, message[:MAX_STRING]))
 
     @classmethod
     def resumed(cls, side: Side, limits: Limits, state: State = State.POSTCOPY) -> Connection:
@@ -666,6 +703,8 @@ class Connection:
         return msg
 
     def _advance(self, sender: Side, msg: Message) -> None:
+        if msg.TYPE in (MsgType.ERROR, MsgType.BYE) and self.closed_by is None:
+            self.closed_by = sender
         key = (self.state, sender, msg.TYPE)
         nxt = TRANSITIONS.get(key)
         if nxt is None:

@@ -8,9 +8,11 @@ Phases (see ARCHITECTURE.md):
   the last round (re-protecting them in the same walk) and send those, until the dirty set stops
   shrinking, is small enough, or the round budget is spent. A window of unacknowledged bulk
   messages bounds what is in flight.
-* **switchover**: pause the guest at an operation boundary (it stops itself with SIGSTOP), take the
-  final dirty set; precopy mode sends those pages now (while paused), hybrid mode names them as
-  *discard* so the destination drops its stale copies and fetches them on demand; SWITCHOVER.
+* **switchover**: pause the guest at an operation boundary (it stops itself with SIGSTOP);
+  precopy mode sends the final dirty set now (while paused); SWITCHOVER; the destination starts
+  its guest and answers RESUMED. Hybrid mode then takes the final dirty set (after the resume, so
+  the scan is not downtime) and names those pages in STALE: the destination, which holds every
+  pre-copied page aside instead of installing it, never installs those and fetches them instead.
 * **post-copy**: answer fault REQUESTs on the urgent channel first (the faulting page and its unsent
   neighbours), and push every page the destination lacks on the bulk channel, starting from the
   most recent fault and moving outward.
@@ -45,7 +47,7 @@ PUSH_BATCH_PAGES = 128  # 512 KiB: big enough to stay ahead of the guest, small 
 WINDOW = 16  # unacknowledged bulk messages in flight
 MAX_ROUNDS = 8  # pre-copy mode: rounds until the dirty set stops shrinking, at most this many
 HYBRID_ROUNDS = 2  # hybrid: post-copy fetches what is left, so extra rounds rarely pay
-SMALL_DIRTY_PAGES = 64  # a dirty set this small is sent during the pause
+SMALL_DIRTY_PAGES = 64  # a dirty set this small ends the pre-copy rounds
 
 
 @dataclass
@@ -276,7 +278,7 @@ class SourceMigration:
                 ack = self._recv(self.urgent)  # requests sent before our RESUME: asked again later
             self.valid = bytearray(ack.present())
             self.dest_running = True
-            self.downtime_ns = self.resume_ns = 0
+            self.downtime_ns = self.resume_ns = self.pause_at_ns = 0
             self.discarded = 0
             self.migration_clock = Stopwatch()
             self.phase = "postcopy"
@@ -418,12 +420,14 @@ class SourceMigration:
         return dirty
 
     def _round_end(self, round_no: int, sent: int, dirty: int) -> None:
-        self.rounds.append({"round": round_no, "pages": sent, "dirty": dirty})
+        self.rounds.append({"round": round_no, "pages": sent, "dirty": dirty,
+                            "end_s": round(self.migration_clock.elapsed_s(), 4)})
         self._send(self.bulk, protocol.RoundEnd(round_no, self.seq, sent, dirty))
 
     def _switchover(self) -> None:
         assert self.guest is not None
         t_pause = time.monotonic_ns()
+        self.pause_at_ns = t_pause - self.migration_clock.start_ns
         if self.guest_finished is None:
             for msg in self.guest.poll_messages():
                 if msg["type"] == "done":
@@ -431,31 +435,51 @@ class SourceMigration:
         # A guest that already finished its workload is as still as a paused one.
         paused = self.guest_finished or self.guest.pause()
         self.paused_ops = paused.get("ops", 0)
-        if self.opts.mode == "postcopy":
-            discard = array("I")
-        else:
+        if self.opts.mode == "precopy":
+            # Pre-copy: the pages written since the last round go now, while the guest is paused.
             final = sorted(self.pending_dirty.union(self._scan_dirty(reprotect=False)))
             for i in final:
                 self.valid[i] = 0
-            if self.opts.mode == "precopy" or len(final) <= SMALL_DIRTY_PAGES:
-                self._send_indexes(final, Batch.FINAL, len(self.rounds) + 1)
-                discard = array("I")
-            else:
-                discard = array("I", final)
+            self._send_indexes(final, Batch.FINAL, len(self.rounds) + 1)
+            self._wait_window(0)
         self.paused = True
-        msg = protocol.Switchover(self.seq, discard.tobytes(), self.paused_ops,
-                                  time.monotonic_ns() - t_pause)
+        # Hybrid: which pre-copied pages are stale is found after the guest resumes there (the
+        # destination installs none of them until it knows; until then it asks for each page).
+        msg = protocol.Switchover(self.seq, b"", self.paused_ops, time.monotonic_ns() - t_pause)
         self._send(self.urgent, msg)
-        self.discarded = len(discard)
         reply = self._recv(self.urgent)
         if isinstance(reply, protocol.Error):
             raise MigrationError(reply.phase, f"the destination reported: {reply.message}")
         assert isinstance(reply, protocol.Resumed)
         self.dest_running = True
-        if self.opts.snapshot_dir:
-            self._start_snapshot()
         self.downtime_ns = time.monotonic_ns() - t_pause
         self.resume_ns = reply.resume_ns
+        self.discarded = 0
+        if self.opts.mode == "hybrid":
+            stale = self._find_stale()
+            self.discarded = len(stale)
+            self._send(self.urgent, protocol.Stale(len(stale), stale.tobytes()))
+        if self.opts.snapshot_dir:
+            self._start_snapshot()
+
+    def _find_stale(self) -> array:
+        """Pre-copied pages written since they were last sent (the guest is paused): no longer
+        valid at the destination, so the push sends them again."""
+        start, end, page = self.base, self.base + self.npages * self.page, self.page
+        valid = self.valid
+        stale = array("I", sorted(self.pending_dirty))
+        for i in stale:
+            valid[i] = 0
+        runs = self.scanner.scan(start, end, require=memory.PageCategory.WRITTEN,
+                                 return_mask=memory.PageCategory.WRITTEN, check_wpasync=True)
+        for s, e, _c in runs:
+            first, last = (s - start) // page, (e - start) // page
+            if valid.find(0, first, last) < 0:  # the usual case: none of the run is pending
+                stale.extend(range(first, last))
+            else:
+                stale.extend(i for i in range(first, last) if valid[i])
+            valid[first:last] = bytes(last - first)
+        return stale
 
     def _start_snapshot(self) -> None:
         o = self.opts
@@ -646,6 +670,7 @@ class SourceMigration:
                 "dest_switchover_to_running": round(self.resume_ns / 1e6, 3),
             },
             "total_s": round(self.total_ns / 1e9, 4),
+            "pause_at_s": round(self.pause_at_ns / 1e9, 4),
             "precopy_rounds": len(self.rounds),
             "rounds": self.rounds,
             "bytes_sent": self.bytes_sent,
@@ -656,8 +681,10 @@ class SourceMigration:
                 "demand": self.counts["demand"],
                 "zero": self.counts["zero"],
                 "discarded": self.discarded,
+                "staged_installed": d.get("pages", {}).get("local", 0),
             },
             "faults": d.get("faults", 0),
+            "local_faults": d.get("local_faults", 0),
             "fault_latency_us": {k: lat.get(k) for k in ("p50", "p90", "p99", "max", "histogram")},
             "fault_stages_us": dict(d.get("fault_stages_us", {}),
                                     source_service_p50=self.service.percentile_us(50)),
@@ -677,12 +704,12 @@ class SourceMigration:
         cause = self.guest.explain(exc) if self.guest else f"{type(exc).__name__}: {exc}"
         phase = getattr(exc, "phase", self.phase)
         print(f"[source] migration failed during {phase}: {cause}", file=sys.stderr, flush=True)
-        if self.sockets and not self.conn.finished and self.conn.state != protocol.State.START:
+        frames = self.conn.error_frames(self.phase, cause) if self.sockets else None
+        if frames is not None:
             try:
-                frames = self.conn.send(protocol.Error(self.phase, cause[:protocol.MAX_STRING]))
                 transport.send_frames(self.sockets[-2] if len(self.sockets) > 1
                                       else self.sockets[0], frames, flags=zmq.NOBLOCK)
-            except (ProtocolError, zmq.ZMQError):
+            except zmq.ZMQError:
                 pass
         return {"ok": False, "phase": phase, "error": cause, "mode": self.opts.mode,
                 "workload": self.opts.workload, "memory_bytes": self.opts.memory}
@@ -812,9 +839,10 @@ def print_report(report: dict[str, Any]) -> None:
     pages = report["pages"]
     print(f"  pages: {pages['precopy']:,} pre-copy, {pages['pushed']:,} pushed, "
           f"{pages['demand']:,} on demand, {pages['zero']:,} zero, "
-          f"{pages['discarded']:,} discarded at switchover")
-    print(f"  faults {report['faults']:,}: p50 {lat['p50']} us, p99 {lat['p99']} us, "
-          f"max {lat['max']} us")
+          f"{pages['discarded']:,} stale at switchover, "
+          f"{pages.get('staged_installed', 0):,} installed from staging")
+    print(f"  faults {report['faults']:,} remote: p50 {lat['p50']} us, p99 {lat['p99']} us, "
+          f"max {lat['max']} us; {report.get('local_faults', 0):,} served from staging")
     print(f"  digest {report['digest']}")
     print(f"  reference {report['reference_digest']}  "
           f"({'match' if report['digest'] == report['reference_digest'] else 'MISMATCH'})")

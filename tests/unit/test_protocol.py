@@ -63,6 +63,7 @@ def test_full_lifecycle_reaches_done():
         (p.Ack(1), dst),
         (p.Switchover(1, array("I", [0]).tobytes(), 10, 500), src),
         (p.Resumed(800), dst),
+        (p.Stale(2, array("I", [3, 9]).tobytes()), src),
         (p.Request(1, 7, 4), dst),
         (p.Pages.build(2, p.Batch.DEMAND, [7], [0], b"z" * 4096, request=1), src),
         (p.PushDone(3, NPAGES), src),
@@ -89,6 +90,44 @@ def test_out_of_order_messages_are_refused_by_the_receiver(bad):
     with pytest.raises(ProtocolError, match="not allowed in state precopy"):
         receiver.receive(frames)
     assert receiver.state is p.State.FAILED
+
+
+def _in_postcopy():
+    src, dst = pair()
+    for msg, sender in [(p.Switchover(0, b"", 0, 0), src), (p.Resumed(0), dst)]:
+        (dst if sender is src else src).receive(sender.send(msg))
+    return src, dst
+
+
+@pytest.mark.parametrize("count, pages, match", [
+    (3, [1, 2], "3 pages announced, 8 bytes"),
+    (1, [NPAGES], f"page index {NPAGES} outside the region"),
+    (NPAGES + 1, list(range(NPAGES)) + [0], "in a region of 256 pages"),
+])
+def test_stale_list_must_be_consistent_and_inside_the_region(count, pages, match):
+    _, dst = _in_postcopy()
+    with pytest.raises(ProtocolError, match=match):
+        dst.receive(p.encode(p.Stale(count, array("I", pages).tobytes())))
+    assert dst.state is p.State.FAILED
+
+
+def test_stale_list_only_after_the_guest_resumed():
+    _, dst = pair()
+    with pytest.raises(ProtocolError, match="STALE from the source is not allowed in state pre"):
+        dst.receive(p.encode(p.Stale(0, b"")))
+
+
+def test_error_frames_tell_the_peer_even_after_it_broke_the_protocol():
+    src, dst = _in_postcopy()
+    with pytest.raises(ProtocolError):
+        dst.receive(p.encode(p.Stale(1, array("I", [NPAGES + 5]).tobytes())))
+    frames = dst.error_frames("postcopy", "STALE names a page outside the region")
+    assert frames is not None
+    msg = src.receive(frames)
+    assert isinstance(msg, p.Error) and "outside" in msg.message
+    assert src.state is p.State.FAILED
+    assert dst.error_frames("postcopy", "again") is None  # said once
+    assert src.error_frames("postcopy", "reply") is None  # the peer ended it: no reply
 
 
 def test_sender_is_stopped_from_breaking_the_protocol_itself():
