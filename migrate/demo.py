@@ -34,6 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--curve", action="store_true",
                         help="authenticate and encrypt with CURVE keys made for this run")
+    parser.add_argument("--throttle", action="store_true",
+                        help="run the guest at SCHED_IDLE during pre-copy (see migrate source)")
 
 
 def cpus_for_daemons(pin: bool) -> tuple[int | None, int | None]:
@@ -48,7 +50,8 @@ def cpus_for_daemons(pin: bool) -> tuple[int | None, int | None]:
 
 def run_demo(workload: str, memory: str | int, mode: str, *, seed: int = 0, ops: int = 0,
              after: float = 1.0, backing: str = "anon", pin: bool = True,
-             timeout: float = 600.0, quiet: bool = False, curve: bool = False) -> dict[str, Any]:
+             timeout: float = 600.0, quiet: bool = False, curve: bool = False,
+             throttle: bool = False) -> dict[str, Any]:
     source_cpu, dest_cpu = cpus_for_daemons(pin)
     with tempfile.TemporaryDirectory(prefix="migrate-demo-") as tmp:
         ready = os.path.join(tmp, "dest.endpoint")
@@ -85,6 +88,8 @@ def run_demo(workload: str, memory: str | int, mode: str, *, seed: int = 0, ops:
                        "--backing", backing, "--json", *source_keys]
             if quiet:
                 src_cmd.append("--quiet")
+            if throttle:
+                src_cmd.append("--throttle")
             if source_cpu is not None:
                 src_cmd += ["--cpu", str(source_cpu)]
             out = subprocess.run(src_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -110,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
 
     report = run_demo(args.workload, args.memory, args.mode, seed=args.seed, ops=args.ops,
                       after=args.after, backing=args.backing, pin=not args.no_pin,
-                      timeout=args.timeout, quiet=args.json, curve=args.curve)
+                      timeout=args.timeout, quiet=args.json, curve=args.curve,
+                      throttle=args.throttle)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

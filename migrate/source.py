@@ -66,6 +66,7 @@ class SourceOptions:
     peer_timeout_s: float = 10.0
     progress: bool = True
     push: bool = True  # background push in post-copy (off: pure demand paging, for diagnosis)
+    throttle: bool = False  # pre-copy: the guest runs at SCHED_IDLE (cf. QEMU auto-converge)
     on_failure: str = "resume"  # "resume": a guest the destination never ran finishes here
     snapshot_dir: str | None = None  # write the paused region here once the destination runs it
     resume_dir: str | None = None  # take over a session from this snapshot (a restarted source)
@@ -129,6 +130,7 @@ class SourceMigration:
         self.pending_dirty: set[int] = set()
         self.bulk_gbps: float | None = None  # pre-copy round 1 or post-copy push, GB/s
         self.service = LatencyRecorder()  # REQUEST received -> faulting page sent
+        self.throttled = False  # the guest runs at SCHED_IDLE (pre-copy with opts.throttle)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -346,8 +348,27 @@ class SourceMigration:
         self.endpoints = (reply.urgent_endpoint, reply.bulk_endpoint)
         self.sockets += [self.urgent, self.bulk]
 
+    def _throttle_guest(self, on: bool) -> None:
+        """Throttling during pre-copy: every thread of the guest at SCHED_IDLE, so it runs only
+        on CPU time the daemon leaves (it dirties fewer pages and never delays a send); off
+        again (SCHED_OTHER) at the pause or when the guest is resumed here."""
+        assert self.guest is not None
+        policy = os.SCHED_IDLE if on else os.SCHED_OTHER
+        try:
+            tids = os.listdir(f"/proc/{self.guest.pid}/task")
+        except FileNotFoundError:
+            return  # the guest is gone; whoever waits on it reports that
+        for tid in tids:
+            try:
+                os.sched_setscheduler(int(tid), policy, os.sched_param(0))
+            except ProcessLookupError:
+                pass
+        self.throttled = on
+
     def _precopy(self) -> None:
         assert self.fd is not None
+        if self.opts.throttle:
+            self._throttle_guest(True)
         start, end, page = self.base, self.base + self.npages * self.page, self.page
         # Protect everything, then send everything: a write after the protect shows up as
         # PAGE_IS_WRITTEN in the next scan, so nothing written during the round is missed.
@@ -434,6 +455,8 @@ class SourceMigration:
                     self.guest_finished = msg
         # A guest that already finished its workload is as still as a paused one.
         paused = self.guest_finished or self.guest.pause()
+        if self.throttled:
+            self._throttle_guest(False)
         self.paused_ops = paused.get("ops", 0)
         if self.opts.mode == "precopy":
             # Pre-copy: the pages written since the last round go now, while the guest is paused.
@@ -672,6 +695,7 @@ class SourceMigration:
             "total_s": round(self.total_ns / 1e9, 4),
             "pause_at_s": round(self.pause_at_ns / 1e9, 4),
             "precopy_rounds": len(self.rounds),
+            "throttled": self.opts.throttle and self.opts.mode != "postcopy",
             "rounds": self.rounds,
             "bytes_sent": self.bytes_sent,
             "bulk_gbps": self.bulk_gbps,
@@ -723,6 +747,8 @@ class SourceMigration:
         if g is None or self.dest_running or not g.alive():
             return None
         try:
+            if self.throttled:
+                self._throttle_guest(False)
             if self.paused:
                 g.resume_here()
                 self.paused = False
@@ -783,6 +809,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="a destination silent this long is gone (default %(default)s s)")
+    parser.add_argument("--throttle", action="store_true",
+                        help="during pre-copy run the guest at SCHED_IDLE (only on CPU time the "
+                             "daemon leaves), like QEMU's auto-converge: fewer dirty pages and a "
+                             "faster round, at the cost of the guest's speed meanwhile")
     parser.add_argument("--no-push", action="store_true",
                         help="post-copy by demand faults only, no background push")
     parser.add_argument("--key", default=None,
@@ -817,7 +847,7 @@ def run(args: argparse.Namespace) -> int:
                          mode=args.mode, after_s=args.after, backing=args.backing,
                          max_rounds=args.rounds, cpu=args.cpu, progress=not args.quiet,
                          push=not args.no_push, keys=curve, snapshot_dir=args.snapshot,
-                         peer_timeout_s=args.peer_timeout,
+                         peer_timeout_s=args.peer_timeout, throttle=args.throttle,
                          resume_dir=args.resume)
     report = SourceMigration(opts).run()
     if args.json:
