@@ -54,6 +54,7 @@ REPORT_REPEATS = 5
 REPORT_HISTORY = 1000  # reports a long-running destination daemon keeps
 LOCAL_BATCH_PAGES = 128  # staged pages installed per loop turn (one UFFDIO_COPY per run)
 LOCAL_AROUND = 16  # staged pages installed with a faulting one
+INSTALL_SLICE = 32  # pages per UFFDIO_COPY batch of a push; faults are served between slices
 DEFAULT_RESUME_TIMEOUT_S = 60.0  # how long a source with a snapshot may take to come back
 
 
@@ -139,7 +140,8 @@ class DestSession:
         self.present_count = 0
         self.hashes = array("Q")
         self.staging: Staging | None = None  # pre-copied pages not yet in the guest
-        self.pending: dict[int, tuple[int, int]] = {}  # page index -> (request id, t_ns)
+        # page index -> (request id, first sent ns, last sent ns, asked because of a fault)
+        self.pending: dict[int, tuple[int, int, int, bool]] = {}
         self.next_request = 1
         self.bulk_seq = 0
         self.guest_done: dict[str, Any] | None = None
@@ -247,10 +249,13 @@ class DestSession:
         installed = 0
         if new_addrs:
             if len(new_off) == off // page:  # every data page is new: the frame is already in order
-                installed += self.fd.copy_pages(new_addrs, buf, page, wake=wake)
+                data = buf
             else:
-                gathered = b"".join(buf[o:o + page] for o in new_off)
-                installed += self.fd.copy_pages(new_addrs, gathered, page, wake=wake)
+                data = b"".join(buf[o:o + page] for o in new_off)
+            if msg.kind == Batch.PUSH and len(new_addrs) > INSTALL_SLICE:
+                installed += self._install_sliced(new_addrs, data, wake)
+            else:
+                installed += self.fd.copy_pages(new_addrs, data, page, wake=wake)
         if new_zero:
             installed += self.fd.zero_pages(new_zero, page, wake=wake)
         # Remember what is installed (hash of the version each page holds) for the transfer check:
@@ -271,12 +276,41 @@ class DestSession:
                 hashes[p] = h
                 if stage is not None:
                     stage[p] = 0  # a staged copy (stale, or not yet known fresh) is now moot
+        if self.pending:
+            self._resolved(idx)
         n = len(idx)
         self.report.pages["zero"] += zero.count(1)
         if msg.kind == Batch.DEMAND:
             self.report.pages["demand"] += n
         else:
             self.report.pages["pushed"] += n
+        return installed
+
+    def _resolved(self, indexes: Any) -> None:
+        """Pages just installed (pushed, from staging, or another fault's neighbours): a fault
+        waiting on one of them is over (the install woke it), whenever its own reply comes."""
+        pending, now_ns = self.pending, time.monotonic_ns()
+        for p in indexes:
+            entry = pending.pop(p, None)
+            if entry is not None and entry[3]:
+                self.report.fault_latency.record_ns(now_ns - entry[1])
+
+    def _install_sliced(self, addrs: array, data: Any, wake: bool) -> int:
+        """A pushed batch in slices, with waiting faults and fault replies handled between them:
+        installing 128 fresh pages can take a millisecond here, too long for a fault to wait.
+        (Anything installed meanwhile is found present: UFFDIO_COPY's EEXIST, skipped.)"""
+        assert self.fd is not None and self.urgent is not None
+        page, n, installed = self.page, len(addrs), 0
+        view = memoryview(data)
+        for k in range(0, n, INSTALL_SLICE):
+            installed += self.fd.copy_pages(addrs[k:k + INSTALL_SLICE],
+                                            view[k * page:(k + INSTALL_SLICE) * page], page,
+                                            wake=wake)
+            if k + INSTALL_SLICE < n:
+                if self.fd.wait(0):
+                    self._on_faults()
+                if self.urgent.get(zmq.EVENTS) & zmq.POLLIN:
+                    self._drain_urgent()
         return installed
 
     def _install_first(self, msg: protocol.Pages, index: int) -> None:
@@ -310,9 +344,12 @@ class DestSession:
         """A fault on a staged page: install the staged pages of [first, first + limit) (the
         faulting one wakes its thread), no round trip."""
         assert self.fd is not None and self.staging is not None
-        _, newly = self.staging.install(self.fd.fileno(), self.base, self.present, first,
-                                        min(self.npages, first + limit), limit)
+        end = min(self.npages, first + limit)
+        _, newly = self.staging.install(self.fd.fileno(), self.base, self.present, first, end,
+                                        limit)
         self.present_count += newly
+        if self.pending:
+            self._resolved(range(first, end))
         self.report.pages["local"] += newly
 
     def _install_staged_batch(self) -> bool:
@@ -321,11 +358,14 @@ class DestSession:
         if st is None or not st.stale_known:
             return False
         assert self.fd is not None
+        before = st.cursor
         newly = st.install_next(self.fd.fileno(), self.base, self.present, LOCAL_BATCH_PAGES)
         if newly is None:
             self._release_staging()
             return False
         self.present_count += newly
+        if self.pending:
+            self._resolved([p for p in self.pending if before <= p < st.cursor])
         self.report.pages["local"] += newly
         self._maybe_complete()
         return True
@@ -406,16 +446,7 @@ class DestSession:
             if uffd_fd in ready:
                 self._on_faults()
             if urgent in ready:
-                # Readiness alone proves nothing (a dropped connection can wake the poller):
-                # only a message received counts as word from the source.
-                while not self.finished:
-                    try:
-                        frames = transport.recv_frames(urgent, flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.last_heard = now
-                    self.urgent_arrival_ns = time.monotonic_ns()
-                    self._on_urgent(self.conn.receive(frames))
+                self._drain_urgent()
             if bulk in ready:
                 # One bulk message per turn: a fault reply never waits behind more than one.
                 try:
@@ -435,6 +466,20 @@ class DestSession:
             if now - last_tick >= TICK_S:
                 last_tick = now
                 self._tick(now, last_bulk)
+
+    def _drain_urgent(self) -> None:
+        """Every message waiting on the urgent channel. Readiness alone proves nothing (a
+        dropped connection can wake the poller): only a message received counts as word from
+        the source."""
+        assert self.urgent is not None
+        while not self.finished:
+            try:
+                frames = transport.recv_frames(self.urgent, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.urgent_arrival_ns = time.monotonic_ns()
+            self.last_heard = time.monotonic()
+            self._on_urgent(self.conn.receive(frames))
 
     def _tick(self, now: float, last_bulk: float) -> None:
         """Housekeeping: liveness, lost replies, missing pages, repeated final messages."""
@@ -477,9 +522,9 @@ class DestSession:
         if self.report.phase == "postcopy":
             retry_ns = int(REQUEST_RETRY_S * 1e9)
             now_ns = time.monotonic_ns()
-            for index, (req, first_ns, sent_ns) in list(self.pending.items()):
+            for index, (req, first_ns, sent_ns, fault) in list(self.pending.items()):
                 if now_ns - sent_ns >= retry_ns:
-                    self.pending[index] = (req, first_ns, now_ns)
+                    self.pending[index] = (req, first_ns, now_ns, fault)
                     self.report.retries += 1
                     self._request(index, req)
             # Sweep only where pages were lost: after PUSH_DONE, or when a push that had begun
@@ -504,7 +549,7 @@ class DestSession:
             if index not in pending and not self._installable_here(index):
                 req = self.next_request
                 self.next_request += 1
-                pending[index] = (req, now_ns, now_ns)
+                pending[index] = (req, now_ns, now_ns, False)
                 self.report.swept += 1
                 self._request(index, req)
                 asked += 1
@@ -533,7 +578,7 @@ class DestSession:
             req = self.next_request
             self.next_request += 1
             t_ns = time.monotonic_ns()
-            self.pending[index] = (req, t_ns, t_ns)
+            self.pending[index] = (req, t_ns, t_ns, True)
             self.report.faults += 1
             self._request(index, req)
             self.report.request_latency.record_ns(time.monotonic_ns() - t_ns)
@@ -547,14 +592,12 @@ class DestSession:
             if msg.kind == Batch.DEMAND and not self.present[first]:
                 self._install_first(msg, first)  # wake the faulting guest before anything else
             pending = self.pending.pop(first, None)
-            if pending is not None:
+            if pending is not None and pending[3]:  # a fault's reply (not a swept page's)
                 done = time.monotonic_ns()
                 self.report.fault_latency.record_ns(done - pending[1])
                 self.report.install_latency.record_ns(done - self.urgent_arrival_ns)
             if len(idx) > 1 or msg.kind != Batch.DEMAND:
                 self.install(msg, wake=True)
-                for p in idx:
-                    self.pending.pop(p, None)
             else:
                 self.report.pages["demand"] += 1
                 self.report.pages["zero"] += msg.zero[0]
@@ -588,8 +631,8 @@ class DestSession:
             transport.send_frames(self.urgent, self.conn.send(
                 protocol.ResumeAck(self.npages, bytes(self.present))))
             now_ns = time.monotonic_ns()
-            for index, (req, first_ns, _sent) in list(self.pending.items()):
-                self.pending[index] = (req, first_ns, now_ns)
+            for index, (req, first_ns, _sent, fault) in list(self.pending.items()):
+                self.pending[index] = (req, first_ns, now_ns, fault)
                 self._request(index, req)  # asked of the old source: ask the new one
             if self.completed_sent and not self.report.source_digest:
                 self._send_complete()

@@ -81,6 +81,10 @@ class Progress:
         self.tty = enabled and sys.stderr.isatty()
         self.last = 0.0
 
+    def due(self) -> bool:
+        """Whether an update now would be shown (so hot loops build the text only then)."""
+        return self.enabled and time.monotonic() - self.last >= (0.1 if self.tty else 1.0)
+
     def update(self, phase: str, text: str, *, force: bool = False) -> None:
         if not self.enabled:
             return
@@ -416,9 +420,10 @@ class SourceMigration:
             self._send_pages(self.bulk, Batch.PRECOPY, range(first, last), round=round_no,
                              known_zero=known_zero)
             self.counts["precopy"] += last - first
-            self.progress.update("precopy", f"round {round_no}: {last:,}/{n:,} pages, "
-                                 f"{self.bytes_sent / 1e6:,.0f} MB sent, "
-                                 f"{self._rate(self.counts['precopy']):,.0f} pages/s")
+            if self.progress.due():
+                self.progress.update("precopy", f"round {round_no}: {last:,}/{n:,} pages, "
+                                     f"{self.bytes_sent / 1e6:,.0f} MB sent, "
+                                     f"{self._rate(self.counts['precopy']):,.0f} pages/s")
         return n
 
     def _send_indexes(self, indexes: list[int], kind: Batch, round_no: int) -> int:
@@ -588,10 +593,11 @@ class SourceMigration:
                 if now - self.last_sent >= 1.0:
                     self._send(self.urgent, protocol.Ping(time.monotonic_ns()))
             self._announce_snapshot()
-            self.progress.update("postcopy", f"{n - valid.count(0):,}/{n:,} pages at the "
-                                 f"destination, {self.requests:,} faults served, "
-                                 f"{self._rate(self.counts['pushed'] + self.counts['demand']):,.0f}"
-                                 f" pages/s")
+            if self.progress.due():
+                rate = self._rate(self.counts["pushed"] + self.counts["demand"])
+                self.progress.update("postcopy", f"{n - valid.count(0):,}/{n:,} pages at the "
+                                     f"destination, {self.requests:,} faults served, "
+                                     f"{rate:,.0f} pages/s")
 
     def _serve_request(self, msg: protocol.Request, arrival_ns: int) -> int:
         """The faulting page goes alone first, so the destination can wake the guest as soon
