@@ -132,7 +132,9 @@ class SourceMigration:
         self.guest_finished: dict[str, Any] | None = None  # "done" seen before the pause
         self.mismatched: list[int] = []
         self.pending_dirty: set[int] = set()
-        self.bulk_gbps: float | None = None  # pre-copy round 1 or post-copy push, GB/s
+        self.bulk_gbps: float | None = None  # pre-copy round 1 into the destination, GB/s
+        self.postcopy_gbps: float | None = None  # sent from the resume to COMPLETE, GB/s
+        self.resumed_at = (time.monotonic_ns(), 0)  # (ns, bytes sent) when the guest resumed
         self.service = LatencyRecorder()  # REQUEST received -> faulting page sent
         self.throttled = False  # the guest runs at SCHED_IDLE (pre-copy with opts.throttle)
 
@@ -480,6 +482,7 @@ class SourceMigration:
             raise MigrationError(reply.phase, f"the destination reported: {reply.message}")
         assert isinstance(reply, protocol.Resumed)
         self.dest_running = True
+        self.resumed_at = (time.monotonic_ns(), self.bytes_sent)
         self.downtime_ns = time.monotonic_ns() - t_pause
         self.resume_ns = reply.resume_ns
         self.discarded = 0
@@ -565,7 +568,12 @@ class SourceMigration:
                     elif msg.TYPE == MsgType.COMPLETE:
                         assert isinstance(msg, protocol.Complete)
                         self.complete = msg
-                        self.total_ns = time.monotonic_ns() - self.migration_clock.start_ns
+                        now_ns = time.monotonic_ns()
+                        self.total_ns = now_ns - self.migration_clock.start_ns
+                        t0, b0 = self.resumed_at
+                        if now_ns > t0:
+                            self.postcopy_gbps = round((self.bytes_sent - b0) / (now_ns - t0),
+                                                       3)
                         return
                     elif msg.TYPE == MsgType.PING:
                         pass
@@ -705,6 +713,7 @@ class SourceMigration:
             "rounds": self.rounds,
             "bytes_sent": self.bytes_sent,
             "bulk_gbps": self.bulk_gbps,
+            "postcopy_gbps": self.postcopy_gbps,
             "pages": {
                 "precopy": self.counts["precopy"] + self.counts["final"],
                 "pushed": self.counts["pushed"],
