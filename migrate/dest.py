@@ -38,10 +38,9 @@ from migrate import digest, protocol, transport, uffd
 from migrate.errors import MigrateError, MigrationError, ProtocolError
 from migrate.guest import GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
-from migrate.staging import Staging
+from migrate.staging import ZERO_PAGE_HASH, Staging
 from migrate.stats import LatencyRecorder
 
-ZERO_PAGE_HASH = digest.page_hashes(bytes(4096))[0]
 FAULT_AROUND = 8  # pages asked for beyond the faulting one; the source sends only unsent ones
 DEFAULT_PEER_TIMEOUT_S = 10.0
 TICK_S = 0.25  # housekeeping period: liveness, retries, sweeps
