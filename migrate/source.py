@@ -25,6 +25,7 @@ Phases (see ARCHITECTURE.md):
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -116,8 +117,11 @@ class SourceMigration:
         self.ctx: zmq.Context | None = None
         self.sockets: list[zmq.Socket] = []
         self.conn = protocol.Connection(protocol.Side.SOURCE)
-        self.seq = 0
+        self.seq = 0  # of every PAGES message (both channels)
         self.acked = 0
+        # Bulk PAGES messages not yet acknowledged (the window). Counting seq - acked instead
+        # let fault replies (urgent, never acknowledged) fill the window and stop the push.
+        self.unacked: collections.deque[int] = collections.deque()
         self.last_sent = time.monotonic()
         self.paused = False  # the guest is stopped here for the switchover
         self.snapshot: Snapshot | None = None  # serving from disk (a restarted source)
@@ -215,6 +219,8 @@ class SourceMigration:
         frames = self.conn.send_fast(MsgType.PAGES, self.seq, int(kind), request, round, packed,
                                      bytes(zero), data=data)
         transport.send_frames(sock, frames)
+        if sock is self.bulk:
+            self.unacked.append(self.seq)
         self.last_sent = time.monotonic()
         self.bytes_sent += len(data) + len(frames[0])
         self.counts["zero"] += zero.count(1)
@@ -223,13 +229,16 @@ class SourceMigration:
 
     def _wait_window(self, limit: int) -> None:
         """Block until at most ``limit`` bulk messages are unacknowledged."""
-        while self.seq - self.acked > limit:
+        while len(self.unacked) > limit:
             self._handle_bulk(self._recv(self.bulk))
 
     def _handle_bulk(self, msg: protocol.Message) -> None:
         if msg.TYPE == MsgType.ACK:
             assert isinstance(msg, protocol.Ack)
             self.acked = max(self.acked, msg.seq)
+            unacked = self.unacked
+            while unacked and unacked[0] <= self.acked:
+                unacked.popleft()
         else:
             raise ProtocolError(f"unexpected {msg.TYPE.name} on the bulk channel")
 
@@ -550,7 +559,7 @@ class SourceMigration:
             if not remaining and not push_done_sent:
                 self._send(self.bulk, protocol.PushDone(self.seq, n))
                 push_done_sent = True
-            can_push = self.opts.push and remaining and self.seq - self.acked < WINDOW
+            can_push = self.opts.push and remaining and len(self.unacked) < WINDOW
             ready = dict(poller.poll(0 if can_push else 250))
             now = time.monotonic()
             if self.urgent in ready:
