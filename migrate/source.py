@@ -141,6 +141,7 @@ class SourceMigration:
         self.resumed_at = (time.monotonic_ns(), 0)  # (ns, bytes sent) when the guest resumed
         self.service = LatencyRecorder()  # REQUEST received -> faulting page sent
         self.throttled = False  # the guest runs at SCHED_IDLE (pre-copy with opts.throttle)
+        self.ops_at_start = 0  # guest operations done when the migration started
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -251,6 +252,7 @@ class SourceMigration:
             self._start_guest()
             self._connect()
             self.migration_clock = Stopwatch()
+            self.ops_at_start = self.guest.progress_ops if self.guest else 0  # last report
             if self.opts.mode != "postcopy":
                 self.phase = "precopy"
                 self._precopy()
@@ -719,6 +721,9 @@ class SourceMigration:
             "pause_at_s": round(self.pause_at_ns / 1e9, 4),
             "precopy_rounds": len(self.rounds),
             "throttled": self.opts.throttle and self.opts.mode != "postcopy",
+            # What the guest got done while pre-copy ran (from its last progress report, at
+            # most 0.25 s old, to the pause): what throttling costs it.
+            "guest_ops_during_precopy": max(0, self.paused_ops - self.ops_at_start),
             "rounds": self.rounds,
             "bytes_sent": self.bytes_sent,
             "bulk_gbps": self.bulk_gbps,
