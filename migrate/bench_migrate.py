@@ -179,13 +179,21 @@ GOALS: dict[str, tuple[tuple[str, ...], float, bool]] = {
 }
 
 
+GOALS_MEMORY = 1 << 30
+
+
 def goals(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each goal with the measured median and whether it is met (None: not measured)."""
+    """Each goal with the measured median and whether it is met (None: not measured, or measured
+    at another size than the goals are for)."""
+    from migrate.workloads import parse_size
+
+    at_goal_size = parse_size(figures.get("memory") or GOALS_MEMORY) == GOALS_MEMORY
     out = {}
     for name, (path, bound, at_most) in GOALS.items():
         value: Any = figures
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
-        met = None if value is None else (value <= bound if at_most else value >= bound)
+        met = None if value is None or not at_goal_size else (
+            value <= bound if at_most else value >= bound)
         out[name] = {"value": value, "met": met}
     return out

@@ -26,3 +26,10 @@ def test_each_goal_compares_in_its_own_direction():
 def test_a_figure_not_measured_is_neither_met_nor_failed():
     out = goals({"modes": {"hybrid": {"downtime_ms": None}}})
     assert all(g == {"value": None, "met": None} for g in out.values())
+
+
+def test_goals_are_judged_only_at_the_size_they_are_for():
+    out = goals({"memory": "128M", "modes": {"hybrid": {"downtime_ms": 0.5, "total_s": 0.2}}})
+    assert out["hybrid downtime_ms <= 2"] == {"value": 0.5, "met": None}
+    assert goals({"memory": "1G", "modes": {"hybrid": {"downtime_ms": 0.5}}})[
+        "hybrid downtime_ms <= 2"]["met"] is True
