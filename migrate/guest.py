@@ -221,6 +221,7 @@ class GuestHandle:
         self.sock = parent
         self.sock.settimeout(ready_timeout)
         self.progress_ops = 0
+        self.stop_pending = False  # PAUSED received, SIGSTOP not yet seen to take effect
         self.progress_init = 0  # init steps (preloading the table, building the chain, ...)
         try:
             msg, fds = _recv(self.sock, with_fds=True)
@@ -289,17 +290,27 @@ class GuestHandle:
     def start(self) -> None:
         self.send({"type": "start"})
 
-    def pause(self, timeout: float = 10.0) -> dict[str, Any]:
-        """Ask the workload to stop at an operation boundary; returns the PAUSED message once the
-        guest has stopped itself (SIGSTOP), so its region no longer changes."""
+    def pause(self, timeout: float = 10.0, *, wait_stopped: bool = True) -> dict[str, Any]:
+        """Ask the workload to stop at an operation boundary; returns the PAUSED message. Its
+        region no longer changes from then on (the workload returned; what is left is the guest
+        stopping itself with SIGSTOP). With ``wait_stopped=False`` the caller may go on at once
+        and call :meth:`wait_stopped` later (before anything that needs the stop itself)."""
         os.kill(self.pid, PAUSE_SIGNAL)
         msg = self.receive(timeout)
         if msg["type"] == "done":
             return msg  # finished before the pause took effect: it is just as still
         if msg["type"] != "paused":
             raise GuestError(f"expected paused, got {msg['type']}")
-        self._wait_stopped(timeout)
+        self.stop_pending = True
+        if wait_stopped:
+            self.wait_stopped(timeout)
         return msg
+
+    def wait_stopped(self, timeout: float = 10.0) -> None:
+        """Return once a paused guest has stopped itself (no-op when it already has)."""
+        if self.stop_pending:
+            self._wait_stopped(timeout)
+            self.stop_pending = False
 
     def _wait_stopped(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -318,6 +329,7 @@ class GuestHandle:
 
     def resume_here(self) -> None:
         """Continue a paused source guest (the migration was abandoned)."""
+        self.wait_stopped()  # a SIGCONT before its own SIGSTOP would leave it stopped
         os.kill(self.pid, signal.SIGCONT)
         self.send({"type": "resume"})
 

@@ -475,7 +475,8 @@ class SourceMigration:
                 if msg["type"] == "done":
                     self.guest_finished = msg
         # A guest that already finished its workload is as still as a paused one.
-        paused = self.guest_finished or self.guest.pause()
+        # The region is still from PAUSED on; the guest's own SIGSTOP is awaited after SWITCHOVER.
+        paused = self.guest_finished or self.guest.pause(wait_stopped=False)
         if self.throttled:
             self._throttle_guest(False)
         self.paused_ops = paused.get("ops", 0)
@@ -491,6 +492,7 @@ class SourceMigration:
         # destination installs none of them until it knows; until then it asks for each page).
         msg = protocol.Switchover(self.seq, b"", self.paused_ops, time.monotonic_ns() - t_pause)
         self._send(self.urgent, msg)
+        self.guest.wait_stopped()
         reply = self._recv(self.urgent)
         if isinstance(reply, protocol.Error):
             raise MigrationError(reply.phase, f"the destination reported: {reply.message}")
