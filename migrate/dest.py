@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 import zmq
 
-from migrate import digest, memory, protocol, transport, uffd
+from migrate import digest, memory, protocol, regionevents, transport, uffd
 from migrate.errors import MigrateError, MigrationError, ProtocolError
 from migrate.guest import GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
@@ -50,6 +50,8 @@ REPEAT_S = 1.0  # COMPLETE / REPORT repeated at this period until answered
 REPORT_REPEATS = 5
 REPORT_HISTORY = 1000  # reports a long-running destination daemon keeps
 DEFAULT_RESUME_TIMEOUT_S = 60.0  # how long a source with a snapshot may take to come back
+FILL_RETRIES = 2000  # UFFDIO_COPY tries while the guest's layout changes (EAGAIN/ENOENT)
+FILL_RETRY_SLEEP_S = 0.0005
 
 
 @dataclass
@@ -94,6 +96,10 @@ class SessionReport:
     source_restarts: int = 0  # sources that resumed the session from the snapshot
     retries: int = 0  # fault requests sent again because no reply came
     swept: int = 0  # missing pages asked for by the sweep
+    # Region events the guest caused here (docs/region-events.md), pages zero-filled locally
+    # (discarded, or not the region's), faults of forked children.
+    events: dict[str, Any] = field(default_factory=lambda: {
+        "remove": 0, "unmap": 0, "remap": 0, "fork": 0, "zero_filled": 0, "child_faults": 0})
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -109,7 +115,7 @@ class SessionReport:
             "reference_digest": self.reference_digest, "guest_ops": self.guest_ops,
             "postcopy_s": round(self.postcopy_s, 4), "retries": self.retries,
             "swept": self.swept, "snapshot": self.snapshot,
-            "source_restarts": self.source_restarts,
+            "source_restarts": self.source_restarts, "events": dict(self.events),
         }
 
 
@@ -146,6 +152,14 @@ class DestSession:
         self.reference_result: str | BaseException | None = None
         self.snapshot_digest = ""  # the source announced a snapshot: it can be restarted
         self.waiting_for_resume = False
+        # Region events (docs/region-events.md): where the guest's pages are now, the children
+        # it forked here, and whether any event happened (then pages take the translated path).
+        self.regmap: regionevents.RegionMap | None = None
+        self.children: list[regionevents.ChildSpace] = []
+        self.events_active = False
+        self.early_events: list[uffd.Event] = []  # read while waiting for RUNNING
+        self.reference_child: str | None = None
+        self._poller: zmq.Poller | None = None
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -166,7 +180,8 @@ class DestSession:
         try:
             self.guest = GuestHandle("dest", hello.npages * hello.page_size,
                                      backing=hello.backing, workload=hello.workload["name"],
-                                     seed=hello.workload["seed"], ops=hello.workload["ops"])
+                                     seed=hello.workload["seed"], ops=hello.workload["ops"],
+                                     event=hello.workload.get("event"))
         except (GuestError, OSError) as exc:
             self._refuse(f"could not start a guest here: {exc}")
             return False
@@ -175,6 +190,7 @@ class DestSession:
             self._refuse(f"guest region {layout.size} bytes does not match the source's")
             return False
         self.base = layout.address
+        self.regmap = regionevents.RegionMap(self.base, self.npages, self.page)
         self.fd = uffd.Userfaultfd.adopt(self.guest.uffd_fd, uffd.Feature(layout.features))
         self.guest.uffd_fd = -1  # owned by self.fd now
         self.present = bytearray(self.npages)
@@ -207,6 +223,8 @@ class DestSession:
         already present (sent again after being written) are overwritten in the guest's memory.
         Returns how many pages became present."""
         assert self.fd is not None and self.guest is not None
+        if self.events_active and msg.kind not in (Batch.PRECOPY, Batch.FINAL):
+            return self._install_translated(msg)
         idx = msg.index_array()
         zero = msg.zero
         buf = msg.data.buffer if hasattr(msg.data, "buffer") else memoryview(msg.data)
@@ -337,6 +355,9 @@ class DestSession:
                 pass
 
     def _cleanup(self) -> None:
+        for child in self.children:
+            child.fd.close()  # a child still faulting gets zero pages from the kernel now
+        self.children = []
         if self.guest is not None:
             if not self.report.ok:
                 self.guest.kill()  # never leave a guest waiting on a fault nobody will serve
@@ -368,6 +389,7 @@ class DestSession:
         poller.register(self.bulk, zmq.POLLIN)
         poller.register(self.fd.fileno(), zmq.POLLIN)
         poller.register(self.guest.fileno(), zmq.POLLIN)
+        self._poller = poller  # forked children's userfaultfds join it
         urgent, bulk = self.urgent, self.bulk
         uffd_fd, guest_fd = self.fd.fileno(), self.guest.fileno()
         self.last_heard = time.monotonic()
@@ -378,6 +400,9 @@ class DestSession:
             now = time.monotonic()
             if uffd_fd in ready:
                 self._on_faults()
+            for child in list(self.children):
+                if child.fd.fileno() in ready:
+                    self._on_space_events(child, child.fd.read_events(64))
             if urgent in ready:
                 # Readiness alone proves nothing (a dropped connection can wake the poller):
                 # only a message received counts as word from the source.
@@ -456,8 +481,11 @@ class DestSession:
             # Sweep only where pages were lost: after PUSH_DONE, or when a push that had begun
             # went quiet (a dropped connection). Without push (demand only) nothing is swept.
             stalled = self.pushed_messages and now - last_bulk >= SWEEP_IDLE_S
-            if (self.push_done or stalled) and self.present_count < self.npages:
+            if (self.push_done or stalled or self._only_discarded_missing()) \
+                    and self.present_count < self.npages:
                 self._sweep_missing()
+            if self.children and self.present_count == self.npages:
+                self._request_for_children()
         if self.completed_sent and not self.report.source_digest:
             if now - self.complete_at >= REPEAT_S:
                 self._send_complete()
@@ -484,10 +512,11 @@ class DestSession:
     def _on_faults(self) -> None:
         assert self.fd is not None and self.urgent is not None
         page, base = self.page, self.base
-        for ev in self.fd.read_events(64):
-            if not isinstance(ev, uffd.PageFault):
-                self.daemon.log(f"guest region event {ev} (not expected during migration)")
-                continue
+        events = self.fd.read_events(64)
+        if self.events_active or any(not isinstance(ev, uffd.PageFault) for ev in events):
+            self._on_space_events(None, events)
+            return
+        for ev in events:
             index = (ev.address - base) // page
             if not 0 <= index < self.npages:
                 raise MigrationError("postcopy", f"fault at {ev.address:#x} outside the region")
@@ -504,12 +533,272 @@ class DestSession:
             self._request(index, req)
             self.report.request_latency.record_ns(time.monotonic_ns() - t_ns)
 
+    # -- region events (docs/region-events.md) ----------------------------------------------
+
+    def _space(self, space: regionevents.ChildSpace | None
+               ) -> tuple[uffd.Userfaultfd, regionevents.RegionMap]:
+        """The userfaultfd and region view of the guest (None) or of a child it forked."""
+        if space is None:
+            assert self.fd is not None and self.regmap is not None
+            return self.fd, self.regmap
+        return space.fd, space.map
+
+    def _on_space_events(self, space: regionevents.ChildSpace | None,
+                         events: list[uffd.Event]) -> None:
+        """Faults and region events of the guest or of a child, in the order the kernel queued
+        them (the layout a fault refers to is the one after the events before it)."""
+        _fd, region = self._space(space)
+        counts = self.report.events
+        for ev in events:
+            if isinstance(ev, uffd.PageFault):
+                self._space_fault(space, ev)
+                continue
+            self.events_active = True
+            if isinstance(ev, uffd.Remove):
+                counts["remove"] += 1
+                changed = region.remove(ev.start, ev.end)
+                if space is not None:
+                    for i in changed:
+                        space.got(i)  # zero in the child now: nothing to install there
+            elif isinstance(ev, uffd.Unmap):
+                counts["unmap"] += 1
+                changed = region.unmap(ev.start, ev.end)
+                if space is not None:
+                    for i in changed:
+                        space.got(i)
+            elif isinstance(ev, uffd.Remap):
+                counts["remap"] += 1
+                region.remap(ev.old, ev.new, ev.length)
+            elif isinstance(ev, uffd.Fork):
+                counts["fork"] += 1
+                assert self.fd is not None
+                child_fd = uffd.Userfaultfd.adopt(ev.uffd, self.fd.features)
+                has = bytes(self.present) if space is None else bytes(space.done)
+                child = regionevents.ChildSpace.forked(child_fd, region, has)
+                self.children.append(child)
+                if self._poller is not None:
+                    self._poller.register(child_fd.fileno(), zmq.POLLIN)
+                self.daemon.log(f"the guest forked: serving the child's {child.need:,} missing "
+                                f"pages too")
+
+    def _space_fault(self, space: regionevents.ChildSpace | None, ev: uffd.PageFault) -> None:
+        fd, region = self._space(space)
+        page = self.page
+        addr = ev.address - ev.address % page
+        index = region.index_of(addr)
+        if index is None or not region.live(index):
+            # Discarded by the guest (zero for it), or memory that is not the region's (the old
+            # range of an mremap(MREMAP_DONTUNMAP), a grown mremap): fresh anonymous memory.
+            self._zero_fill(space, addr)
+            return
+        has = self.present[index] if space is None else space.done[index]
+        if space is not None:
+            self.report.events["child_faults"] += 1
+        if has:
+            try:
+                fd.wake(addr, page)  # installed meanwhile
+            except ProcessLookupError:
+                if space is None:
+                    raise
+                self._drop_child(space)
+            return
+        if index in self.pending:
+            return  # asked already: the reply is installed in every space that lacks it
+        if space is None:
+            self.report.faults += 1
+        self._ask(index)
+
+    def _ask(self, index: int) -> None:
+        req = self.next_request
+        self.next_request += 1
+        t_ns = time.monotonic_ns()
+        self.pending[index] = (req, t_ns, t_ns)
+        self._request(index, req)
+
+    def _drain(self, space: regionevents.ChildSpace | None) -> None:
+        """Read (and follow) the events of a space whose layout is changing: the kernel makes
+        UFFDIO_COPY fail with EAGAIN until its pending event has been read."""
+        fd, _region = self._space(space)
+        try:
+            events = fd.read_events(64)
+        except ProcessLookupError:
+            events = []
+        if events:
+            self._on_space_events(space, events)
+
+    def _drop_child(self, child: regionevents.ChildSpace) -> None:
+        """The child exited (ESRCH): nothing more to serve."""
+        if child in self.children:
+            self.children.remove(child)
+            if self._poller is not None:
+                self._poller.unregister(child.fd.fileno())
+            child.fd.close()
+
+    def _fill(self, space: regionevents.ChildSpace | None, index: int | None, addr: int,
+              src: Any) -> bool:
+        """UFFDIO_COPY ``src`` (UFFDIO_ZEROPAGE when None) at ``addr`` of a space, following the
+        space's events on EAGAIN/ENOENT (its layout is changing). ``index`` is the region page
+        (None: not a region page); its address is looked up again after each event. Returns
+        False when the page or the child went away meanwhile."""
+        fd, region = self._space(space)
+        page = self.page
+        for _attempt in range(FILL_RETRIES):
+            if index is not None:
+                if not region.live(index):
+                    return False
+                where = region.address_of(index)
+                if where is None:
+                    return False
+                addr = where
+            try:
+                if src is None:
+                    fd.zeropage(addr, page)
+                else:
+                    fd.copy(addr, src)
+                return True
+            except FileExistsError:
+                fd.wake(addr, page)
+                return True
+            except (BlockingIOError, FileNotFoundError):
+                # EAGAIN: an event is in flight; ENOENT: the range went away and its event is
+                # about to be queued. Read it, then try again where the page is now.
+                self._drain(space)
+                time.sleep(FILL_RETRY_SLEEP_S)
+            except ProcessLookupError:
+                if space is None:
+                    raise
+                self._drop_child(space)
+                return False
+        raise MigrationError(self.report.phase,
+                             f"could not install page {index} at {addr:#x}: the guest's layout "
+                             f"kept changing without an event that explains it")
+
+    def _zero_fill(self, space: regionevents.ChildSpace | None, addr: int) -> None:
+        if self._fill(space, None, addr, None):
+            self.report.events["zero_filled"] += 1
+
+    def _install_translated(self, msg: protocol.Pages) -> int:
+        """Install a post-copy batch once the guest has changed its region: each page at its
+        current address, not in pages the guest discarded or unmapped (they still count as
+        arrived, with the hash of what arrived: the source's paused copy), and in every forked
+        child still missing it."""
+        idx = msg.index_array()
+        zero = msg.zero
+        buf = msg.data.buffer if hasattr(msg.data, "buffer") else memoryview(msg.data)
+        page, present, hashes = self.page, self.present, self.hashes
+        assert self.regmap is not None
+        ndata = len(idx) - zero.count(1)
+        data_hashes = digest.page_hashes(buf[:ndata * page], page) if ndata else array("Q")
+        installed = 0
+        off = k = 0
+        for i, p in enumerate(idx):
+            if zero[i]:
+                src, h = None, ZERO_PAGE_HASH
+            else:
+                src, h = buf[off:off + page], data_hashes[k]
+                off += page
+                k += 1
+            if not present[p]:
+                present[p] = 1
+                self.present_count += 1
+                hashes[p] = h
+                if self.regmap.live(p) and self._fill(None, p, 0, src):
+                    installed += 1
+            for child in list(self.children):
+                if child.needs(p) and child.map.live(p) and self._fill(child, p, 0, src):
+                    child.got(p)
+        self.report.pages["zero"] += zero.count(1)
+        self.report.pages["demand" if msg.kind == Batch.DEMAND else "pushed"] += len(idx)
+        return installed
+
+    def _on_pages_translated(self, msg: protocol.Pages) -> None:
+        idx = msg.index_array()
+        pending = self.pending.pop(idx[0], None)
+        self._install_translated(msg)
+        if pending is not None:
+            done = time.monotonic_ns()
+            self.report.fault_latency.record_ns(done - pending[1])
+            self.report.install_latency.record_ns(done - self.urgent_arrival_ns)
+        for p in idx:
+            self.pending.pop(p, None)
+        self._maybe_complete()
+
+    def _only_discarded_missing(self) -> bool:
+        """Every page still to arrive was discarded or unmapped by the guest: no fault will ask
+        for them, so they are asked for (their hashes complete the transfer check)."""
+        if not self.events_active or self.present_count >= self.npages:
+            return False
+        assert self.regmap is not None
+        present, region = self.present, self.regmap
+        i = present.find(0)
+        while i >= 0:
+            if region.live(i):
+                return False
+            i = present.find(0, i + 1)
+        return True
+
+    def _request_for_children(self) -> None:
+        """Every page reached the guest, but a forked child still misses some (its install
+        failed, or the pages arrived before the fork while discarded): ask for them before
+        COMPLETE, while the source still serves."""
+        asked = 0
+        for child in self.children:
+            i = child.first_needed()
+            while i >= 0 and asked < SWEEP_PAGES:
+                if i not in self.pending:
+                    self._ask(i)
+                    asked += 1
+                i = child.first_needed(i + 1)
+
+    def _await_running(self) -> dict[str, Any]:
+        """The guest's answer to GO. Its discards (MADV_DONTNEED of stale pages) raise REMOVE
+        events it waits on, so the uffd is read meanwhile: those are ours and ignored; anything
+        else (a first fault) is kept for after the switchover."""
+        import select
+
+        assert self.guest is not None and self.fd is not None
+        deadline = time.monotonic() + self.opts.peer_timeout_s
+        guest_fd, uffd_fd = self.guest.fileno(), self.fd.fileno()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuestError(f"dest guest sent nothing for {self.opts.peer_timeout_s} s")
+            readable, _w, _x = select.select([guest_fd, uffd_fd], [], [], remaining)
+            if uffd_fd in readable:
+                for ev in self.fd.read_events(64):
+                    if not isinstance(ev, uffd.Remove):
+                        self.early_events.append(ev)
+            if guest_fd in readable:
+                msgs = self.guest.poll_messages()
+                if msgs:
+                    for extra in msgs[1:]:
+                        if extra["type"] == "done":
+                            self.guest_done = extra
+                    return msgs[0]
+
+    def _check_guest_events(self) -> bool:
+        """The guest's own account of the region event it performed here; a child it forked
+        must have seen the region the reference run had at the fork."""
+        assert self.guest_done is not None and self.guest is not None
+        if self.guest.events:
+            self.report.events["guest"] = [{k: e.get(k) for k in ("event", "child_digest")}
+                                           for e in self.guest.events]
+        child = self.guest_done.get("child_digest")
+        if child is None or not self.opts.verify_reference:
+            return True
+        self.report.events["child_digest"] = child
+        self.report.events["child_reference_digest"] = self.reference_child
+        return child == self.reference_child
+
     def _on_urgent(self, msg: protocol.Message) -> None:
         t = msg.TYPE
         if t == MsgType.PAGES:
             assert isinstance(msg, protocol.Pages)
             idx = msg.index_array()
             first = idx[0]
+            if self.events_active:
+                self._on_pages_translated(msg)
+                return
             if msg.kind == Batch.DEMAND and not self.present[first]:
                 self._install_first(msg, first)  # wake the faulting guest before anything else
             pending = self.pending.pop(first, None)
@@ -601,7 +890,7 @@ class DestSession:
                 self.present_count -= 1
         self.report.pages["discarded"] = len(discard)
         self.guest.go(discard)
-        reply = self.guest.receive(timeout=self.opts.peer_timeout_s)
+        reply = self._await_running()
         if reply["type"] != "running":
             raise GuestError(f"guest answered {reply['type']} to go")
         self.report.resume_ns = time.monotonic_ns() - t0
@@ -612,12 +901,17 @@ class DestSession:
         self.postcopy_start = time.monotonic()
         assert self.urgent is not None
         self._send(self.urgent, protocol.Resumed(self.report.resume_ns))
+        if self.early_events:
+            events, self.early_events = self.early_events, []
+            self._on_space_events(None, events)
         self._maybe_complete()
 
     def _maybe_complete(self) -> None:
         if (self.completed_sent or self.present_count < self.npages
                 or self.report.phase != "postcopy"):
             return
+        if any(child.need for child in self.children):
+            return  # the source must still serve a forked child's missing pages
         assert self.urgent is not None
         self.report.postcopy_s = time.monotonic() - self.postcopy_start
         self.report.received_digest = digest.digest_of_hashes(self.hashes)
@@ -636,6 +930,10 @@ class DestSession:
 
         w = self.report.workload
         try:
+            if w.get("event"):
+                self.reference_result, self.reference_child = regionevents.reference_run(
+                    w["name"], w["size"], w["seed"], w["ops"], w["event"])
+                return
             self.reference_result = workloads.reference_digest(
                 w["name"], w["size"], seed=w["seed"], ops=w["ops"])
         except Exception as exc:  # reported by the session loop as a verify failure
@@ -666,11 +964,15 @@ class DestSession:
             reference_ok = self.report.digest == self.report.reference_digest
         else:
             reference_ok = True
-        self.report.ok = self.report.transfer_ok and reference_ok
+        child_ok = self._check_guest_events()
+        self.report.ok = self.report.transfer_ok and reference_ok and child_ok
         if not self.report.transfer_ok:
             self.report.error = "the pages received differ from the source's copy"
         elif not reference_ok:
             self.report.error = "the guest's final region differs from the reference run's"
+        elif not child_ok:
+            self.report.error = ("the region a child forked here saw differs from the reference "
+                                 "run's region at the fork")
         self.report.phase = "done"
         self._send(self.urgent, protocol.Report(self.report.as_dict()))
         self.report_sent_at = time.monotonic()

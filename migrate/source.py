@@ -33,7 +33,7 @@ from typing import Any
 
 import zmq
 
-from migrate import digest, memory, protocol, transport, uffd, workloads
+from migrate import digest, memory, protocol, regionevents, transport, uffd, workloads
 from migrate.errors import MigrateError, MigrationError, ProtocolError
 from migrate.guest import GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
@@ -68,6 +68,7 @@ class SourceOptions:
     snapshot_dir: str | None = None  # write the paused region here once the destination runs it
     resume_dir: str | None = None  # take over a session from this snapshot (a restarted source)
     local_finish_timeout_s: float = 600.0
+    event: str | None = None  # test hook: a region event the guest performs (regionevents.py)
 
 
 class Progress:
@@ -127,6 +128,7 @@ class SourceMigration:
         self.pending_dirty: set[int] = set()
         self.bulk_gbps: float | None = None  # pre-copy round 1 or post-copy push, GB/s
         self.service = LatencyRecorder()  # REQUEST received -> faulting page sent
+        self.region_events: regionevents.SourceEventWatcher | None = None
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -242,7 +244,15 @@ class SourceMigration:
             self.phase = "verify"
             return self._verify()
         except (MigrateError, OSError, zmq.ZMQError) as exc:
-            report = self._failed(exc)
+            cause: BaseException = exc
+            if self.region_events is not None and not self.dest_running:
+                # An UNMAP/REMAP makes later steps fail obscurely (a scan or read of pages that
+                # moved): name the event instead.
+                try:
+                    self.region_events.check(self.phase)
+                except regionevents.RegionEventError as event_exc:
+                    cause = event_exc
+            report = self._failed(cause)
             report["guest_at_source"] = self._recover_at_source()
             return report
         finally:
@@ -296,11 +306,15 @@ class SourceMigration:
         if o.cpu is not None:
             os.sched_setaffinity(0, {o.cpu})
         self.guest = GuestHandle("source", o.memory, backing=o.backing, workload=o.workload,
-                                 seed=o.seed, ops=o.ops)
+                                 seed=o.seed, ops=o.ops, event=o.event)
         layout = self.guest.layout
         self.fd = uffd.Userfaultfd.adopt(self.guest.uffd_fd, uffd.Feature(layout.features))
         self.guest.uffd_fd = -1
         self.base, self.page, self.npages = layout.address, layout.page_size, layout.npages
+        # Read the guest's region events from now on: its madvise/munmap/mremap/fork waits
+        # for us (docs/region-events.md).
+        self.region_events = regionevents.SourceEventWatcher(
+            self.fd, self.base, self.npages, self.page, phase=lambda: self.phase)
         self.total_ops = layout.total_ops
         self.valid = bytearray(self.npages)  # 1: the destination holds this page's current bytes
         self.scanner = memory.PagemapScanner(self.guest.pid)
@@ -329,10 +343,13 @@ class SourceMigration:
         self.sockets.append(control)
         size = self.npages * self.page
         self.session = transport.session_id()
+        workload: dict[str, Any] = {"name": o.workload, "size": size, "seed": o.seed,
+                                    "ops": self.total_ops}
+        if o.event:
+            workload["event"] = o.event
         hello = protocol.Hello(
             protocol.PROTOCOL_VERSION, self.session, self.page, self.npages,
-            o.backing, o.mode,
-            {"name": o.workload, "size": size, "seed": o.seed, "ops": self.total_ops},
+            o.backing, o.mode, workload,
             ["fault-around", "zero-flag", "discard"], digest.DIGEST_ALGORITHM)
         self._send(control, hello)
         reply = self._recv(control)
@@ -364,6 +381,10 @@ class SourceMigration:
                                / 1e9, 3)
         dirty = self._scan_dirty(reprotect=True)
         self._round_end(round_no, sent, len(dirty))
+        self._check_region_events()
+        if self.opts.event and regionevents.EventSpec.parse(self.opts.event).hold:
+            self._proceed_with_event()
+            self._check_region_events()
         previous = None
         budget = self.opts.max_rounds or (HYBRID_ROUNDS if self.opts.mode == "hybrid"
                                           else MAX_ROUNDS)
@@ -377,6 +398,7 @@ class SourceMigration:
             sent = self._send_indexes(dirty, Batch.PRECOPY, round_no)
             dirty = self._scan_dirty(reprotect=True)
             self._round_end(round_no, sent, len(dirty))
+            self._check_region_events()
         # Pages written since the last scan have not been sent again: the switchover must send
         # or discard them together with whatever the final scan finds.
         self.pending_dirty = set(dirty)
@@ -389,6 +411,7 @@ class SourceMigration:
         for first in range(0, n, batch):
             last = min(n, first + batch)
             self._wait_window(WINDOW)
+            self._check_region_events()
             known_zero = is_present.find(1, first, last) < 0
             self._send_pages(self.bulk, Batch.PRECOPY, range(first, last), round=round_no,
                              known_zero=known_zero)
@@ -431,10 +454,13 @@ class SourceMigration:
         # A guest that already finished its workload is as still as a paused one.
         paused = self.guest_finished or self.guest.pause()
         self.paused_ops = paused.get("ops", 0)
+        self._check_region_events()  # an UNMAP/REMAP just before the pause: stay here
         if self.opts.mode == "postcopy":
             discard = array("I")
         else:
-            final = sorted(self.pending_dirty.union(self._scan_dirty(reprotect=False)))
+            # Pages the guest discarded (REMOVE) changed, though the dirty scan may not say so.
+            removed = self.region_events.removed_pages() if self.region_events else set()
+            final = sorted(self.pending_dirty.union(self._scan_dirty(reprotect=False), removed))
             for i in final:
                 self.valid[i] = 0
             if self.opts.mode == "precopy" or len(final) <= SMALL_DIRTY_PAGES:
@@ -456,6 +482,33 @@ class SourceMigration:
             self._start_snapshot()
         self.downtime_ns = time.monotonic_ns() - t_pause
         self.resume_ns = reply.resume_ns
+
+    def _proceed_with_event(self, timeout_s: float = 5.0) -> None:
+        """Test hook (regionevents.EventSpec ",hold"): let the guest, waiting at its event's
+        unit count, perform the event now, during pre-copy, and wait until it says it did."""
+        assert self.guest is not None
+        self.guest.send({"type": "proceed"})
+        deadline = time.monotonic() + timeout_s
+        while not self.guest.events and time.monotonic() < deadline:
+            for msg in self.guest.poll_messages():
+                if msg["type"] == "done":
+                    self.guest_finished = msg
+            if self.guest_finished is not None:
+                return
+            time.sleep(0.002)
+
+    def _check_region_events(self) -> None:
+        if self.region_events is not None:
+            self.region_events.check(self.phase)
+
+    def _events_report(self) -> dict[str, Any]:
+        """What the guest did to its region here (as the watcher saw it, and as the guest says
+        it performed its test-hook event)."""
+        out: dict[str, Any] = dict(self.region_events.report()) if self.region_events else {}
+        if self.guest is not None and self.guest.events:
+            out["guest"] = [{k: e.get(k) for k in ("event", "child_digest")}
+                            for e in self.guest.events]
+        return out
 
     def _start_snapshot(self) -> None:
         o = self.opts
@@ -668,6 +721,7 @@ class SourceMigration:
             "transfer_ok": match,
             "digest": d.get("digest"),
             "reference_digest": d.get("reference_digest"),
+            "events": {"source": self._events_report(), "dest": d.get("events", {})},
         }
 
     def _switch_part_ns(self) -> int:
@@ -685,7 +739,8 @@ class SourceMigration:
             except (ProtocolError, zmq.ZMQError):
                 pass
         return {"ok": False, "phase": phase, "error": cause, "mode": self.opts.mode,
-                "workload": self.opts.workload, "memory_bytes": self.opts.memory}
+                "workload": self.opts.workload, "memory_bytes": self.opts.memory,
+                "events": {"source": self._events_report()}}
 
     def _recover_at_source(self) -> dict[str, Any] | None:
         """The destination never ran the guest, so the copy here is still the guest: continue
@@ -707,10 +762,15 @@ class SourceMigration:
             if done.get("type") != "done":
                 return outcome | {"error": f"guest sent {done.get('type')}"}
             o = self.opts
-            reference = workloads.reference_digest(o.workload, self.npages * self.page,
-                                                   seed=o.seed, ops=self.total_ops)
+            if o.event:
+                reference, _child = regionevents.reference_run(
+                    o.workload, self.npages * self.page, o.seed, self.total_ops, o.event)
+            else:
+                reference = workloads.reference_digest(o.workload, self.npages * self.page,
+                                                       seed=o.seed, ops=self.total_ops)
             return outcome | {"finished": True, "digest": done["digest"],
-                              "reference_digest": reference, "ok": done["digest"] == reference}
+                              "reference_digest": reference, "ok": done["digest"] == reference,
+                              "events": self._events_report()}
         except (MigrateError, OSError) as exc:
             return {"resumed": False, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -718,6 +778,8 @@ class SourceMigration:
         if self.guest is not None:
             self.guest.kill()  # the destination has it all (or the migration failed and said so)
             self.guest.close()
+        if self.region_events is not None:
+            self.region_events.stop()
         if self.fd is not None:
             self.fd.close()
         if self.snapshot_writer is not None and self.snapshot_writer.is_alive():
