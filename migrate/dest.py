@@ -97,9 +97,11 @@ class SessionReport:
     retries: int = 0  # fault requests sent again because no reply came
     swept: int = 0  # missing pages asked for by the sweep
     # Region events the guest caused here (docs/region-events.md), pages zero-filled locally
-    # (discarded, or not the region's), faults of forked children.
+    # (discarded, or not the region's), faults of forked children and the pages they lacked at
+    # the fork.
     events: dict[str, Any] = field(default_factory=lambda: {
-        "remove": 0, "unmap": 0, "remap": 0, "fork": 0, "zero_filled": 0, "child_faults": 0})
+        "remove": 0, "unmap": 0, "remap": 0, "fork": 0, "zero_filled": 0, "child_faults": 0,
+        "child_missing": 0})
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -219,6 +221,19 @@ class DestSession:
     # -- installing pages -------------------------------------------------------------------
 
     def install(self, msg: protocol.Pages, *, wake: bool) -> int:
+        """Install a batch (``_install_direct``); when the guest turns out to be changing its
+        region meanwhile (EAGAIN: an event is pending), follow its events and install it the
+        translated way."""
+        try:
+            return self._install_direct(msg, wake=wake)
+        except (BlockingIOError, FileNotFoundError):
+            if msg.kind in (Batch.PRECOPY, Batch.FINAL):
+                raise  # the guest does not run yet: nothing may change its region
+            self._drain(None)
+            self.events_active = True
+            return self._install_translated(msg)
+
+    def _install_direct(self, msg: protocol.Pages, *, wake: bool) -> int:
         """Install a batch. New pages go in with UFFDIO_COPY/ZEROPAGE straight from the frame; pages
         already present (sent again after being written) are overwritten in the guest's memory.
         Returns how many pages became present."""
@@ -315,6 +330,11 @@ class DestSession:
                 h = digest.page_hashes(buf[:page], page)[0]
         except FileExistsError:
             self.fd.wake(addr, page)
+            return
+        except (BlockingIOError, FileNotFoundError):
+            self._drain(None)  # the guest is changing its region: follow, then translate
+            self.events_active = True
+            self._install_translated(msg, count=False)
             return
         self.present[index] = 1
         self.present_count += 1
@@ -576,6 +596,7 @@ class DestSession:
                 has = bytes(self.present) if space is None else bytes(space.done)
                 child = regionevents.ChildSpace.forked(child_fd, region, has)
                 self.children.append(child)
+                counts["child_missing"] += child.need
                 if self._poller is not None:
                     self._poller.register(child_fd.fileno(), zmq.POLLIN)
                 self.daemon.log(f"the guest forked: serving the child's {child.need:,} missing "
@@ -677,7 +698,7 @@ class DestSession:
         if self._fill(space, None, addr, None):
             self.report.events["zero_filled"] += 1
 
-    def _install_translated(self, msg: protocol.Pages) -> int:
+    def _install_translated(self, msg: protocol.Pages, *, count: bool = True) -> int:
         """Install a post-copy batch once the guest has changed its region: each page at its
         current address, not in pages the guest discarded or unmapped (they still count as
         arrived, with the hash of what arrived: the source's paused copy), and in every forked
@@ -707,8 +728,9 @@ class DestSession:
             for child in list(self.children):
                 if child.needs(p) and child.map.live(p) and self._fill(child, p, 0, src):
                     child.got(p)
-        self.report.pages["zero"] += zero.count(1)
-        self.report.pages["demand" if msg.kind == Batch.DEMAND else "pushed"] += len(idx)
+        if count:
+            self.report.pages["zero"] += zero.count(1)
+            self.report.pages["demand" if msg.kind == Batch.DEMAND else "pushed"] += len(idx)
         return installed
 
     def _on_pages_translated(self, msg: protocol.Pages) -> None:
