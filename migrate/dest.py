@@ -699,13 +699,17 @@ class DestSession:
             self.report.events["zero_filled"] += 1
 
     def _install_translated(self, msg: protocol.Pages, *, count: bool = True) -> int:
-        """Install a post-copy batch once the guest has changed its region: each page at its
-        current address, not in pages the guest discarded or unmapped (they still count as
-        arrived, with the hash of what arrived: the source's paused copy), and in every forked
-        child still missing it."""
-        idx = msg.index_array()
-        zero = msg.zero
         buf = msg.data.buffer if hasattr(msg.data, "buffer") else memoryview(msg.data)
+        return self._install_translated_pages(msg.index_array(), msg.zero, buf, msg.kind,
+                                              count=count)
+
+    def _install_translated_pages(self, idx: Any, zero: Any, buf: Any, kind: int, *,
+                                  count: bool = True) -> int:
+        """Install pages (``buf`` holds the non-zero ones in order) once the guest has changed
+        its region: each page at its current address, not in pages the guest discarded or
+        unmapped (they still count as arrived, with the hash of what arrived: the source's paused
+        copy), and in every forked child still missing it. Returns pages installed in the
+        guest."""
         page, present, hashes = self.page, self.present, self.hashes
         assert self.regmap is not None
         ndata = len(idx) - zero.count(1)
@@ -730,7 +734,7 @@ class DestSession:
                     child.got(p)
         if count:
             self.report.pages["zero"] += zero.count(1)
-            self.report.pages["demand" if msg.kind == Batch.DEMAND else "pushed"] += len(idx)
+            self.report.pages["demand" if kind == Batch.DEMAND else "pushed"] += len(idx)
         return installed
 
     def _on_pages_translated(self, msg: protocol.Pages) -> None:
