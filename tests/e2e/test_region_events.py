@@ -25,8 +25,8 @@ AT = 5_000_000  # the event's work-unit count: reached early at the source
 pytestmark = [pytest.mark.host, pytest.mark.usefixtures("migration_capable")]
 
 
-def migrate(event: str, mode: str, *, push: bool = True, after_s: float = 0.1
-            ) -> tuple[dict[str, Any], dict[str, Any]]:
+def migrate(event: str, mode: str, *, push: bool = True, after_s: float = 0.1,
+            backing: str = "anon") -> tuple[dict[str, Any], dict[str, Any]]:
     """One migration of a ``stream`` guest performing ``event``: (source report, dest report)."""
     daemon = dest.DestDaemon(dest.DestOptions(listen="tcp://127.0.0.1:*", max_migrations=1,
                                               quiet=True, peer_timeout_s=20))
@@ -34,7 +34,7 @@ def migrate(event: str, mode: str, *, push: bool = True, after_s: float = 0.1
     served.start()
     opts = source.SourceOptions(to=daemon.endpoint, workload="stream", memory=MEMORY, ops=OPS,
                                 mode=mode, after_s=after_s, progress=False, peer_timeout_s=20,
-                                push=push, event=event)
+                                push=push, event=event, backing=backing)
     report = source.SourceMigration(opts).run()
     served.join(60)
     assert not served.is_alive(), "the destination daemon hung"
@@ -66,9 +66,10 @@ def performed_by(events: dict[str, Any]) -> list[str]:
 # At the destination, during post-copy
 
 
-def test_remove_at_destination_zero_fills_locally() -> None:
+@pytest.mark.parametrize("backing", ["anon", "memfd"])  # memfd: MADV_REMOVE punches the hole
+def test_remove_at_destination_zero_fills_locally(backing: str) -> None:
     event = f"remove@{AT}:8:1000,hold"
-    report, d = migrate(event, "postcopy")
+    report, d = migrate(event, "postcopy", backing=backing)
     assert_migrated(report, d, event)
     ev = d["events"]
     assert performed_by(ev) == [event] and ev["remove"] == 1  # it happened here...
@@ -104,11 +105,12 @@ def test_remap_at_destination_translates_fault_addresses() -> None:
     assert report["digest"] == plain_reference()  # moving changes no byte
 
 
-def test_fork_at_destination_serves_the_child() -> None:
+@pytest.mark.parametrize("backing", ["anon", "memfd"])  # memfd: the child shares the page cache
+def test_fork_at_destination_serves_the_child(backing: str) -> None:
     event = f"fork@{AT},hold"
     # Demand paging only: the child digests its whole copy right after the fork, so nearly all
     # of its pages are missing and must come through its own userfaultfd.
-    report, d = migrate(event, "postcopy", push=False)
+    report, d = migrate(event, "postcopy", push=False, backing=backing)
     assert_migrated(report, d, event)
     ev = d["events"]
     assert performed_by(ev) == [event] and ev["fork"] == 1
