@@ -780,27 +780,22 @@ class DestSession:
         """The guest's answer to GO. Its discards (MADV_DONTNEED of stale pages) raise REMOVE
         events it waits on, so the uffd is read meanwhile: those are ours and ignored; anything
         else (a first fault) is kept for after the switchover."""
-        import select
-
         assert self.guest is not None and self.fd is not None
         deadline = time.monotonic() + self.opts.peer_timeout_s
-        guest_fd, uffd_fd = self.guest.fileno(), self.fd.fileno()
+        # Spin (this is downtime, and short): each discard waits for its event to be read, and a
+        # reader asleep in poll() would add a wake-up to every one of them.
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            for ev in self.fd.read_events(64):
+                if not isinstance(ev, uffd.Remove):
+                    self.early_events.append(ev)
+            msgs = self.guest.poll_messages()
+            if msgs:
+                for extra in msgs[1:]:
+                    if extra["type"] == "done":
+                        self.guest_done = extra
+                return msgs[0]
+            if time.monotonic() > deadline:
                 raise GuestError(f"dest guest sent nothing for {self.opts.peer_timeout_s} s")
-            readable, _w, _x = select.select([guest_fd, uffd_fd], [], [], remaining)
-            if uffd_fd in readable:
-                for ev in self.fd.read_events(64):
-                    if not isinstance(ev, uffd.Remove):
-                        self.early_events.append(ev)
-            if guest_fd in readable:
-                msgs = self.guest.poll_messages()
-                if msgs:
-                    for extra in msgs[1:]:
-                        if extra["type"] == "done":
-                            self.guest_done = extra
-                    return msgs[0]
 
     def _check_guest_events(self) -> bool:
         """The guest's own account of the region event it performed here; a child it forked
