@@ -305,6 +305,11 @@ class SourceMigration:
         o = self.opts
         if o.cpu is not None:
             os.sched_setaffinity(0, {o.cpu})
+        if o.event:
+            try:
+                regionevents.EventSpec.parse(o.event).check_region(o.memory // memory.PAGE_SIZE)
+            except ValueError as exc:
+                raise regionevents.RegionEventError(f"the guest's event: {exc}") from None
         self.guest = GuestHandle("source", o.memory, backing=o.backing, workload=o.workload,
                                  seed=o.seed, ops=o.ops, event=o.event)
         layout = self.guest.layout
@@ -820,6 +825,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a destination silent this long is gone (default %(default)s s)")
     parser.add_argument("--no-push", action="store_true",
                         help="post-copy by demand faults only, no background push")
+    parser.add_argument("--event", default=None, metavar="KIND@UNITS[:FIRST:COUNT][,hold]",
+                        help="test hook: the guest discards (remove), unmaps, mremaps (remap) "
+                             "or forks at that many work units (docs/region-events.md)")
     parser.add_argument("--key", default=None,
                         help="this daemon's CURVE secret key file (NAME.key from migrate keygen); "
                              "required unless --to is on loopback")
@@ -844,6 +852,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.to is None:
             raise ValueError("--to tcp://HOST:PORT is required (or --resume DIR)")
         transport.require_keys_off_loopback(args.to, curve, "connect to")
+        if args.event is not None:
+            regionevents.EventSpec.parse(args.event)  # a bad spec is refused before anything runs
     except (keyfiles.KeyFileError, ValueError, SnapshotError) as exc:
         print(f"migrate source: {exc}", file=sys.stderr)
         return 2
@@ -853,7 +863,7 @@ def run(args: argparse.Namespace) -> int:
                          max_rounds=args.rounds, cpu=args.cpu, progress=not args.quiet,
                          push=not args.no_push, keys=curve, snapshot_dir=args.snapshot,
                          peer_timeout_s=args.peer_timeout,
-                         resume_dir=args.resume)
+                         resume_dir=args.resume, event=args.event)
     report = SourceMigration(opts).run()
     if args.json:
         print(json.dumps(report, indent=2))

@@ -180,3 +180,15 @@ def test_hello_carries_a_valid_event_and_refuses_a_bad_one() -> None:
             protocol.decode(protocol.encode(hello(dict(base, event=bad))))
     with pytest.raises(protocol.ProtocolError, match="optional event"):
         protocol.decode(protocol.encode(hello(dict(base, extra=1))))
+
+
+def test_source_refuses_an_event_outside_its_region_before_starting_a_guest() -> None:
+    from migrate import source
+
+    opts = source.SourceOptions(to="tcp://127.0.0.1:1", memory=1 << 20, progress=False,
+                                event="remove@1:200:100")
+    migration = source.SourceMigration(opts)
+    report = migration.run()
+    assert not report["ok"] and report["phase"] == "start"
+    assert "outside the region of 256 pages" in report["error"]
+    assert migration.guest is None
