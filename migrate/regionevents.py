@@ -564,3 +564,9 @@ class SourceEventWatcher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        # join() returns when the thread's Python state is released; the kernel task exits a
+        # moment later. Wait for that too, so the daemon is back to its threads when this returns.
+        task = f"/proc/self/task/{self._thread.native_id}"
+        deadline = time.monotonic() + 1.0
+        while os.path.exists(task) and time.monotonic() < deadline:
+            time.sleep(0.0005)
