@@ -140,7 +140,11 @@ def _guest_main(args: argparse.Namespace) -> int:
     # Region events (madvise/munmap/mremap/fork by the guest) reach the daemon, which follows
     # them (docs/region-events.md). EVENT_FORK needs CAP_SYS_PTRACE: refused, open() says so.
     features |= regionevents.GUEST_EVENTS
-    fd = uffd.Userfaultfd.open(features, nonblock=True)
+    try:
+        fd = uffd.Userfaultfd.open(features, nonblock=True)
+    except MigrateError as exc:  # e.g. EVENT_FORK refused without CAP_SYS_PTRACE: say so
+        _send(sock, {"type": "error", "error": str(exc)})
+        return 1
     hook = None
     if args.event:
         hook = regionevents.EventHook(regionevents.EventSpec.parse(args.event), region,
@@ -302,6 +306,9 @@ class GuestHandle:
             raise GuestError(
                 f"{role} guest did not become ready ({type(exc).__name__}: {exc}); "
                 f"exit status {self.proc.poll()}") from None
+        if msg["type"] == "error":
+            self.kill()
+            raise GuestError(f"{role} guest could not start: {msg.get('error')}")
         if msg["type"] != "ready" or not fds:
             self.kill()
             raise GuestError(f"{role} guest sent {msg['type']} instead of ready with its uffd")

@@ -171,3 +171,34 @@ def test_fork_at_source_leaves_the_child_unmigrated() -> None:
     _digest, child_reference = reference(event)
     assert [e["child_digest"] for e in src["guest"]] == [child_reference]
     assert d["events"]["fork"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# EVENT_FORK needs CAP_SYS_PTRACE
+
+
+GUEST_WITHOUT_PTRACE = r"""
+from migrate.guest import GuestError, GuestHandle
+try:
+    GuestHandle("dest", 1 << 20).close()
+    print("started")
+except GuestError as exc:
+    print(exc)
+"""
+
+
+def test_a_guest_refused_event_fork_says_why() -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv(1) to drop CAP_SYS_PTRACE from a child")
+    # Dropped from the bounding set, the capability is gone after exec even for root.
+    out = subprocess.run(["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace",
+                          sys.executable, "-c", GUEST_WITHOUT_PTRACE],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == ("dest guest could not start: userfaultfd feature EVENT_FORK is "
+                                  "not available here: the kernel allows it only with "
+                                  "CAP_SYS_PTRACE"), out
