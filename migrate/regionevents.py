@@ -303,8 +303,9 @@ class EventHook:
 
     ``fork_child=True`` (the guest) really forks and lets the child digest its copy through the
     child's own userfaultfd; ``False`` (the reference run) digests the region in place, which is
-    what the child sees. After ``perform``, ``workload`` is the handle to continue with (a REMAP
-    moves the region, so the workload is attached again at the new address)."""
+    what the child sees. ``perform`` returns the workload handle to continue with (a REMAP moves
+    the region, so the workload is attached again at the new address). ``hold``: this is the
+    source's guest, which honours the spec's ``,hold``."""
 
     def __init__(self, spec: EventSpec, region: memory.Region, *, fork_child: bool,
                  hold: bool = False, proceed: Any = None) -> None:
@@ -344,8 +345,9 @@ class EventHook:
             memory.munmap(addr, length)
             # Fresh zero memory in the hole (not registered with any userfaultfd), so the
             # workload can keep using every page.
-            memory.mmap(length, "rw", memory.lib.MAP_PRIVATE | memory.lib.MAP_ANONYMOUS
-                        | memory.lib.MAP_FIXED, address=addr)
+            lib = _native.lib
+            memory.mmap(length, "rw", lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_FIXED,
+                        address=addr)
         elif spec.kind == "remap":
             wl.close()
             size = region.size
@@ -369,7 +371,7 @@ def _fork_and_digest(region: memory.Region) -> str:
 
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: no Python state of the parent is used beyond this
+    if pid == 0:  # the child: digest, report, exit (it never returns into the guest's code)
         code = 1
         try:
             os.close(r)
