@@ -887,6 +887,12 @@ def print_report(report: dict[str, Any]) -> None:
           f"{pages['discarded']:,} discarded at switchover")
     print(f"  faults {report['faults']:,}: p50 {lat['p50']} us, p99 {lat['p99']} us, "
           f"max {lat['max']} us")
+    events = report.get("events") or {}
+    seen = [f"{side} {kind} {n}" for side in ("source", "dest")
+            for kind, n in (events.get(side) or {}).items()
+            if kind in ("remove", "unmap", "remap", "fork") and n]
+    if seen:
+        print(f"  guest region events: {', '.join(seen)} (docs/region-events.md)")
     print(f"  digest {report['digest']}")
     print(f"  reference {report['reference_digest']}  "
           f"({'match' if report['digest'] == report['reference_digest'] else 'MISMATCH'})")
