@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import json
 import os
 import sys
@@ -34,7 +35,7 @@ from typing import Any
 import psutil
 import zmq
 
-from migrate import digest, protocol, transport, uffd
+from migrate import digest, protocol, regionevents, transport, uffd
 from migrate.errors import MigrateError, MigrationError, ProtocolError
 from migrate.guest import GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
@@ -55,6 +56,8 @@ LOCAL_BATCH_PAGES = 128  # staged pages installed per loop turn (one UFFDIO_COPY
 LOCAL_AROUND = 16  # staged pages installed with a faulting one
 INSTALL_SLICE = 32  # pages per UFFDIO_COPY batch of a push; faults are served between slices
 DEFAULT_RESUME_TIMEOUT_S = 60.0  # how long a source with a snapshot may take to come back
+FILL_RETRIES = 2000  # UFFDIO_COPY tries while the guest's layout changes (EAGAIN/ENOENT)
+FILL_RETRY_SLEEP_S = 0.0005
 
 
 @dataclass
@@ -101,6 +104,12 @@ class SessionReport:
     retries: int = 0  # fault requests sent again because no reply came
     swept: int = 0  # missing pages asked for by the sweep
     local_faults: int = 0  # faults resolved from staged pages, without asking the source
+    # Region events the guest caused here (docs/region-events.md), pages zero-filled locally
+    # (discarded, or not the region's), faults of forked children and the pages they lacked at
+    # the fork.
+    events: dict[str, Any] = field(default_factory=lambda: {
+        "remove": 0, "unmap": 0, "remap": 0, "fork": 0, "zero_filled": 0, "child_faults": 0,
+        "child_missing": 0})
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -117,7 +126,7 @@ class SessionReport:
             "reference_digest": self.reference_digest, "guest_ops": self.guest_ops,
             "postcopy_s": round(self.postcopy_s, 4), "retries": self.retries,
             "swept": self.swept, "snapshot": self.snapshot,
-            "source_restarts": self.source_restarts,
+            "source_restarts": self.source_restarts, "events": dict(self.events),
         }
 
 
@@ -156,6 +165,13 @@ class DestSession:
         self.reference_result: str | BaseException | None = None
         self.snapshot_digest = ""  # the source announced a snapshot: it can be restarted
         self.waiting_for_resume = False
+        # Region events (docs/region-events.md): where the guest's pages are now, the children
+        # it forked here, and whether any event happened (then pages take the translated path).
+        self.regmap: regionevents.RegionMap | None = None
+        self.children: list[regionevents.ChildSpace] = []
+        self.events_active = False
+        self.reference_child: str | None = None
+        self._poller: zmq.Poller | None = None
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -176,7 +192,8 @@ class DestSession:
         try:
             self.guest = GuestHandle("dest", hello.npages * hello.page_size,
                                      backing=hello.backing, workload=hello.workload["name"],
-                                     seed=hello.workload["seed"], ops=hello.workload["ops"])
+                                     seed=hello.workload["seed"], ops=hello.workload["ops"],
+                                     event=hello.workload.get("event"))
         except (GuestError, OSError) as exc:
             self._refuse(f"could not start a guest here: {exc}")
             return False
@@ -185,6 +202,7 @@ class DestSession:
             self._refuse(f"guest region {layout.size} bytes does not match the source's")
             return False
         self.base = layout.address
+        self.regmap = regionevents.RegionMap(self.base, self.npages, self.page)
         self.fd = uffd.Userfaultfd.adopt(self.guest.uffd_fd, uffd.Feature(layout.features))
         self.guest.uffd_fd = -1  # owned by self.fd now
         self.present = bytearray(self.npages)
@@ -213,11 +231,26 @@ class DestSession:
     # -- installing pages -------------------------------------------------------------------
 
     def install(self, msg: protocol.Pages, *, wake: bool) -> int:
-        """Take one PAGES batch. Pre-copy pages are staged (kept aside until the guest may have
-        them); pages sent after the switchover go into the guest with UFFDIO_COPY/ZEROPAGE
-        straight from the frame, except those already present (the guest owns them now: a late
-        copy is dropped). Returns how many pages became present."""
+        """Take one PAGES batch (``_install_direct``); when the guest turns out to be changing
+        its region meanwhile (EAGAIN: an event is pending), follow its events and install the
+        batch the translated way."""
+        try:
+            return self._install_direct(msg, wake=wake)
+        except (BlockingIOError, FileNotFoundError):
+            if msg.kind in (Batch.PRECOPY, Batch.FINAL):
+                raise  # the guest does not run yet: nothing may change its region
+            self._drain(None)
+            self.events_active = True
+            return self._install_translated(msg)
+
+    def _install_direct(self, msg: protocol.Pages, *, wake: bool) -> int:
+        """Pre-copy pages are staged (kept aside until the guest may have them); pages sent
+        after the switchover go into the guest with UFFDIO_COPY/ZEROPAGE straight from the
+        frame, except those already present (the guest owns them now: a late copy is dropped).
+        Returns how many pages became present."""
         assert self.fd is not None and self.guest is not None
+        if self.events_active and msg.kind not in (Batch.PRECOPY, Batch.FINAL):
+            return self._install_translated(msg)
         idx = msg.index_array()
         zero = msg.zero
         buf = msg.data.buffer if hasattr(msg.data, "buffer") else memoryview(msg.data)
@@ -310,6 +343,12 @@ class DestSession:
                     self._on_faults()
                 if self.urgent.get(zmq.EVENTS) & zmq.POLLIN:
                     self._drain_urgent()
+                if self.events_active:
+                    # The guest changed its region meanwhile: addresses computed for this batch
+                    # may be stale. install() takes it again the translated way (what went in
+                    # already is found present).
+                    raise BlockingIOError(errno.EAGAIN, "the guest changed its region during "
+                                                        "a pushed batch")
         return installed
 
     def _install_first(self, msg: protocol.Pages, index: int) -> None:
@@ -328,6 +367,11 @@ class DestSession:
         except FileExistsError:
             self.fd.wake(addr, page)
             return
+        except (BlockingIOError, FileNotFoundError):
+            self._drain(None)  # the guest is changing its region: follow, then translate
+            self.events_active = True
+            self._install_translated(msg, count=False)
+            return
         self.present[index] = 1
         self.present_count += 1
         self.hashes[index] = h
@@ -337,15 +381,20 @@ class DestSession:
     def _installable_here(self, index: int) -> bool:
         """A fresh staged copy of the page is here (no need to ask the source)."""
         st = self.staging
-        return st is not None and st.stale_known and st.state[index] != 0
+        return (st is not None and st.stale_known and not self.events_active
+                and st.state[index] != 0)
 
     def _install_staged(self, first: int, limit: int) -> None:
         """A fault on a staged page: install the staged pages of [first, first + limit) (the
         faulting one wakes its thread), no round trip."""
         assert self.fd is not None and self.staging is not None
         end = min(self.npages, first + limit)
-        _, newly = self.staging.install(self.fd.fileno(), self.base, self.present, first, end,
-                                        limit)
+        try:
+            _, newly = self.staging.install(self.fd.fileno(), self.base, self.present, first,
+                                            end, limit)
+        except (BlockingIOError, FileNotFoundError) as exc:
+            self._staging_interrupted(exc)  # the fault is asked of the source when it recurs
+            return
         self.present_count += newly
         if self.pending:
             self._resolved(range(first, end))
@@ -354,11 +403,15 @@ class DestSession:
     def _install_staged_batch(self) -> bool:
         """Background: a batch of staged pages into the guest. False when none is left."""
         st = self.staging
-        if st is None or not st.stale_known:
+        if st is None or not st.stale_known or self.events_active:
             return False
         assert self.fd is not None
         before = st.cursor
-        newly = st.install_next(self.fd.fileno(), self.base, self.present, LOCAL_BATCH_PAGES)
+        try:
+            newly = st.install_next(self.fd.fileno(), self.base, self.present, LOCAL_BATCH_PAGES)
+        except (BlockingIOError, FileNotFoundError) as exc:
+            self._staging_interrupted(exc)
+            return False
         if newly is None:
             self._release_staging()
             return False
@@ -368,6 +421,17 @@ class DestSession:
         self.report.pages["local"] += newly
         self._maybe_complete()
         return True
+
+    def _staging_interrupted(self, exc: OSError) -> None:
+        """A staged install met the guest changing its region (an event pending: EAGAIN, or
+        a range gone: ENOENT). Staged pages are installed by their index's original address
+        only, so from now on they are not used: what is missing is asked of the source (its
+        paused copy is current) and installed the translated way (docs/region-events.md)."""
+        self.present_count += getattr(exc, "newly", 0)
+        self._drain(None)
+        self.events_active = True
+        self.daemon.log("the guest changed its region: staged pages are fetched from the "
+                        "source instead")
 
     def _release_staging(self) -> None:
         if self.staging is not None:
@@ -401,6 +465,9 @@ class DestSession:
                 pass
 
     def _cleanup(self) -> None:
+        for child in self.children:
+            child.fd.close()  # a child still faulting gets zero pages from the kernel now
+        self.children = []
         if self.guest is not None:
             if not self.report.ok:
                 self.guest.kill()  # never leave a guest waiting on a fault nobody will serve
@@ -433,6 +500,7 @@ class DestSession:
         poller.register(self.bulk, zmq.POLLIN)
         poller.register(self.fd.fileno(), zmq.POLLIN)
         poller.register(self.guest.fileno(), zmq.POLLIN)
+        self._poller = poller  # forked children's userfaultfds join it
         urgent, bulk = self.urgent, self.bulk
         uffd_fd, guest_fd = self.fd.fileno(), self.guest.fileno()
         self.last_heard = time.monotonic()
@@ -444,6 +512,9 @@ class DestSession:
             now = time.monotonic()
             if uffd_fd in ready:
                 self._on_faults()
+            for child in list(self.children):
+                if child.fd.fileno() in ready:
+                    self._on_space_events(child, child.fd.read_events(64))
             if urgent in ready:
                 self._drain_urgent()
             if bulk in ready:
@@ -529,8 +600,11 @@ class DestSession:
             # Sweep only where pages were lost: after PUSH_DONE, or when a push that had begun
             # went quiet (a dropped connection). Without push (demand only) nothing is swept.
             stalled = self.pushed_messages and now - last_bulk >= SWEEP_IDLE_S
-            if (self.push_done or stalled) and self.present_count < self.npages:
+            if (self.push_done or stalled or self._only_discarded_missing()) \
+                    and self.present_count < self.npages:
                 self._sweep_missing()
+            if self.children and self.present_count == self.npages:
+                self._request_for_children()
         if self.completed_sent and not self.report.source_digest:
             if now - self.complete_at >= REPEAT_S:
                 self._send_complete()
@@ -557,10 +631,11 @@ class DestSession:
     def _on_faults(self) -> None:
         assert self.fd is not None and self.urgent is not None
         page, base = self.page, self.base
-        for ev in self.fd.read_events(64):
-            if not isinstance(ev, uffd.PageFault):
-                self.daemon.log(f"guest region event {ev} (not expected during migration)")
-                continue
+        events = self.fd.read_events(64)
+        if self.events_active or any(not isinstance(ev, uffd.PageFault) for ev in events):
+            self._on_space_events(None, events)
+            return
+        for ev in events:
             index = (ev.address - base) // page
             if not 0 <= index < self.npages:
                 raise MigrationError("postcopy", f"fault at {ev.address:#x} outside the region")
@@ -582,12 +657,251 @@ class DestSession:
             self._request(index, req)
             self.report.request_latency.record_ns(time.monotonic_ns() - t_ns)
 
+    # -- region events (docs/region-events.md) ----------------------------------------------
+
+    def _space(self, space: regionevents.ChildSpace | None
+               ) -> tuple[uffd.Userfaultfd, regionevents.RegionMap]:
+        """The userfaultfd and region view of the guest (None) or of a child it forked."""
+        if space is None:
+            assert self.fd is not None and self.regmap is not None
+            return self.fd, self.regmap
+        return space.fd, space.map
+
+    def _on_space_events(self, space: regionevents.ChildSpace | None,
+                         events: list[uffd.Event]) -> None:
+        """Faults and region events of the guest or of a child, in the order the kernel queued
+        them (the layout a fault refers to is the one after the events before it)."""
+        _fd, region = self._space(space)
+        counts = self.report.events
+        for ev in events:
+            if isinstance(ev, uffd.PageFault):
+                self._space_fault(space, ev)
+                continue
+            self.events_active = True
+            if isinstance(ev, uffd.Remove):
+                counts["remove"] += 1
+                changed = region.remove(ev.start, ev.end)
+                if space is not None:
+                    for i in changed:
+                        space.got(i)  # zero in the child now: nothing to install there
+            elif isinstance(ev, uffd.Unmap):
+                counts["unmap"] += 1
+                changed = region.unmap(ev.start, ev.end)
+                if space is not None:
+                    for i in changed:
+                        space.got(i)
+            elif isinstance(ev, uffd.Remap):
+                counts["remap"] += 1
+                region.remap(ev.old, ev.new, ev.length)
+            elif isinstance(ev, uffd.Fork):
+                counts["fork"] += 1
+                assert self.fd is not None
+                child_fd = uffd.Userfaultfd.adopt(ev.uffd, self.fd.features)
+                has = bytes(self.present) if space is None else bytes(space.done)
+                child = regionevents.ChildSpace.forked(child_fd, region, has)
+                self.children.append(child)
+                counts["child_missing"] += child.need
+                if self._poller is not None:
+                    self._poller.register(child_fd.fileno(), zmq.POLLIN)
+                self.daemon.log(f"the guest forked: serving the child's {child.need:,} missing "
+                                f"pages too")
+
+    def _space_fault(self, space: regionevents.ChildSpace | None, ev: uffd.PageFault) -> None:
+        fd, region = self._space(space)
+        page = self.page
+        addr = ev.address - ev.address % page
+        index = region.index_of(addr)
+        if index is None or not region.live(index):
+            # Discarded by the guest (zero for it), or memory that is not the region's (the old
+            # range of an mremap(MREMAP_DONTUNMAP), a grown mremap): fresh anonymous memory.
+            self._zero_fill(space, addr)
+            return
+        has = self.present[index] if space is None else space.done[index]
+        if space is not None:
+            self.report.events["child_faults"] += 1
+        if has:
+            try:
+                fd.wake(addr, page)  # installed meanwhile
+            except ProcessLookupError:
+                if space is None:
+                    raise
+                self._drop_child(space)
+            return
+        if index in self.pending:
+            return  # asked already: the reply is installed in every space that lacks it
+        if space is None:
+            self.report.faults += 1
+        self._ask(index, fault=space is None)
+
+    def _ask(self, index: int, *, fault: bool) -> None:
+        req = self.next_request
+        self.next_request += 1
+        t_ns = time.monotonic_ns()
+        self.pending[index] = (req, t_ns, t_ns, fault)
+        self._request(index, req)
+
+    def _drain(self, space: regionevents.ChildSpace | None) -> None:
+        """Read (and follow) the events of a space whose layout is changing: the kernel makes
+        UFFDIO_COPY fail with EAGAIN until its pending event has been read."""
+        fd, _region = self._space(space)
+        try:
+            events = fd.read_events(64)
+        except ProcessLookupError:
+            events = []
+        if events:
+            self._on_space_events(space, events)
+
+    def _drop_child(self, child: regionevents.ChildSpace) -> None:
+        """The child exited (ESRCH): nothing more to serve."""
+        if child in self.children:
+            self.children.remove(child)
+            if self._poller is not None:
+                self._poller.unregister(child.fd.fileno())
+            child.fd.close()
+
+    def _fill(self, space: regionevents.ChildSpace | None, index: int | None, addr: int,
+              src: Any) -> bool:
+        """UFFDIO_COPY ``src`` (UFFDIO_ZEROPAGE when None) at ``addr`` of a space, following the
+        space's events on EAGAIN/ENOENT (its layout is changing). ``index`` is the region page
+        (None: not a region page); its address is looked up again after each event. Returns
+        False when the page or the child went away meanwhile."""
+        fd, region = self._space(space)
+        page = self.page
+        for _attempt in range(FILL_RETRIES):
+            if index is not None:
+                if not region.live(index):
+                    return False
+                where = region.address_of(index)
+                if where is None:
+                    return False
+                addr = where
+            try:
+                if src is None:
+                    fd.zeropage(addr, page)
+                else:
+                    fd.copy(addr, src)
+                return True
+            except FileExistsError:
+                fd.wake(addr, page)
+                return True
+            except (BlockingIOError, FileNotFoundError):
+                # EAGAIN: an event is in flight; ENOENT: the range went away and its event is
+                # about to be queued. Read it, then try again where the page is now.
+                self._drain(space)
+                time.sleep(FILL_RETRY_SLEEP_S)
+            except ProcessLookupError:
+                if space is None:
+                    raise
+                self._drop_child(space)
+                return False
+        raise MigrationError(self.report.phase,
+                             f"could not install page {index} at {addr:#x}: the guest's layout "
+                             f"kept changing without an event that explains it")
+
+    def _zero_fill(self, space: regionevents.ChildSpace | None, addr: int) -> None:
+        if self._fill(space, None, addr, None):
+            self.report.events["zero_filled"] += 1
+
+    def _install_translated(self, msg: protocol.Pages, *, count: bool = True) -> int:
+        buf = msg.data.buffer if hasattr(msg.data, "buffer") else memoryview(msg.data)
+        return self._install_translated_pages(msg.index_array(), msg.zero, buf, msg.kind,
+                                              count=count)
+
+    def _install_translated_pages(self, idx: Any, zero: Any, buf: Any, kind: int, *,
+                                  count: bool = True) -> int:
+        """Install pages (``buf`` holds the non-zero ones in order) once the guest has changed
+        its region: each page at its current address, not in pages the guest discarded or
+        unmapped (they still count as arrived, with the hash of what arrived: the source's paused
+        copy), and in every forked child still missing it. Returns pages installed in the
+        guest."""
+        page, present, hashes = self.page, self.present, self.hashes
+        assert self.regmap is not None
+        ndata = len(idx) - zero.count(1)
+        data_hashes = digest.page_hashes(buf[:ndata * page], page) if ndata else array("Q")
+        installed = 0
+        off = k = 0
+        for i, p in enumerate(idx):
+            if zero[i]:
+                src, h = None, ZERO_PAGE_HASH
+            else:
+                src, h = buf[off:off + page], data_hashes[k]
+                off += page
+                k += 1
+            if not present[p]:
+                present[p] = 1
+                self.present_count += 1
+                hashes[p] = h
+                if self.regmap.live(p) and self._fill(None, p, 0, src):
+                    installed += 1
+            for child in list(self.children):
+                if child.needs(p) and child.map.live(p) and self._fill(child, p, 0, src):
+                    child.got(p)
+        if count:
+            self.report.pages["zero"] += zero.count(1)
+            self.report.pages["demand" if kind == Batch.DEMAND else "pushed"] += len(idx)
+        return installed
+
+    def _on_pages_translated(self, msg: protocol.Pages) -> None:
+        idx = msg.index_array()
+        pending = self.pending.pop(idx[0], None)
+        self._install_translated(msg)
+        if pending is not None and pending[3]:  # a fault's reply (not a swept page's)
+            done = time.monotonic_ns()
+            self.report.fault_latency.record_ns(done - pending[1])
+            self.report.install_latency.record_ns(done - self.urgent_arrival_ns)
+        self._resolved(idx)
+        self._maybe_complete()
+
+    def _only_discarded_missing(self) -> bool:
+        """Every page still to arrive was discarded or unmapped by the guest: no fault will ask
+        for them, so they are asked for (their hashes complete the transfer check)."""
+        if not self.events_active or self.present_count >= self.npages:
+            return False
+        assert self.regmap is not None
+        present, region = self.present, self.regmap
+        i = present.find(0)
+        while i >= 0:
+            if region.live(i):
+                return False
+            i = present.find(0, i + 1)
+        return True
+
+    def _request_for_children(self) -> None:
+        """Every page reached the guest, but a forked child still misses some (its install
+        failed, or the pages arrived before the fork while discarded): ask for them before
+        COMPLETE, while the source still serves."""
+        asked = 0
+        for child in self.children:
+            i = child.first_needed()
+            while i >= 0 and asked < SWEEP_PAGES:
+                if i not in self.pending:
+                    self._ask(i, fault=False)
+                    asked += 1
+                i = child.first_needed(i + 1)
+
+    def _check_guest_events(self) -> bool:
+        """The guest's own account of the region event it performed here; a child it forked
+        must have seen the region the reference run had at the fork."""
+        assert self.guest_done is not None and self.guest is not None
+        if self.guest.events:
+            self.report.events["guest"] = [{k: e.get(k) for k in ("event", "child_digest")}
+                                           for e in self.guest.events]
+        child = self.guest_done.get("child_digest")
+        if child is None or not self.opts.verify_reference:
+            return True
+        self.report.events["child_digest"] = child
+        self.report.events["child_reference_digest"] = self.reference_child
+        return child == self.reference_child
+
     def _on_urgent(self, msg: protocol.Message) -> None:
         t = msg.TYPE
         if t == MsgType.PAGES:
             assert isinstance(msg, protocol.Pages)
             idx = msg.index_array()
             first = idx[0]
+            if self.events_active:
+                self._on_pages_translated(msg)
+                return
             if msg.kind == Batch.DEMAND and not self.present[first]:
                 self._install_first(msg, first)  # wake the faulting guest before anything else
             pending = self.pending.pop(first, None)
@@ -699,6 +1013,8 @@ class DestSession:
         if (self.completed_sent or self.present_count < self.npages
                 or self.report.phase != "postcopy"):
             return
+        if any(child.need for child in self.children):
+            return  # the source must still serve a forked child's missing pages
         assert self.urgent is not None
         self.report.postcopy_s = time.monotonic() - self.postcopy_start
         self.report.received_digest = digest.digest_of_hashes(self.hashes)
@@ -717,6 +1033,10 @@ class DestSession:
 
         w = self.report.workload
         try:
+            if w.get("event"):
+                self.reference_result, self.reference_child = regionevents.reference_run(
+                    w["name"], w["size"], w["seed"], w["ops"], w["event"])
+                return
             self.reference_result = workloads.reference_digest(
                 w["name"], w["size"], seed=w["seed"], ops=w["ops"])
         except Exception as exc:  # reported by the session loop as a verify failure
@@ -747,11 +1067,15 @@ class DestSession:
             reference_ok = self.report.digest == self.report.reference_digest
         else:
             reference_ok = True
-        self.report.ok = self.report.transfer_ok and reference_ok
+        child_ok = self._check_guest_events()
+        self.report.ok = self.report.transfer_ok and reference_ok and child_ok
         if not self.report.transfer_ok:
             self.report.error = "the pages received differ from the source's copy"
         elif not reference_ok:
             self.report.error = "the guest's final region differs from the reference run's"
+        elif not child_ok:
+            self.report.error = ("the region a child forked here saw differs from the reference "
+                                 "run's region at the fork")
         self.report.phase = "done"
         self._send(self.urgent, protocol.Report(self.report.as_dict()))
         self.report_sent_at = time.monotonic()

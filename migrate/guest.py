@@ -82,8 +82,25 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _proceed_received(sock: socket.socket) -> bool:
+    """The region-event test hook's go-ahead from the daemon (regionevents.EventSpec ",hold"),
+    without blocking. An EXIT instead ends the guest."""
+    try:
+        data = sock.recv(MAX_CONTROL_MESSAGE, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    if not data:
+        raise EOFError("control socket closed")
+    msg = msgpack.unpackb(data, raw=False)
+    if msg.get("type") == "exit":
+        raise EOFError("told to exit")
+    if msg.get("type") != "proceed":
+        raise GuestError(f"expected proceed, got {msg.get('type')}")
+    return True
+
+
 def _guest_main(args: argparse.Namespace) -> int:
-    from migrate import memory, uffd, workloads
+    from migrate import memory, regionevents, uffd, workloads
 
     if args.parent:
         _die_with_parent(args.parent)
@@ -102,7 +119,19 @@ def _guest_main(args: argparse.Namespace) -> int:
         if args.backing == "memfd":
             features |= uffd.Feature.MISSING_SHMEM
         mode = uffd.RegisterMode.MISSING
-    fd = uffd.Userfaultfd.open(features, nonblock=True)
+    # Region events (madvise/munmap/mremap/fork by the guest) reach the daemon, which follows
+    # them (docs/region-events.md). EVENT_FORK needs CAP_SYS_PTRACE: refused, open() says so.
+    features |= regionevents.GUEST_EVENTS
+    try:
+        fd = uffd.Userfaultfd.open(features, nonblock=True)
+    except MigrateError as exc:  # e.g. EVENT_FORK refused without CAP_SYS_PTRACE: say so
+        _send(sock, {"type": "error", "error": str(exc)})
+        return 1
+    hook = None
+    if args.event:
+        hook = regionevents.EventHook(regionevents.EventSpec.parse(args.event), region,
+                                      fork_child=True, hold=args.role == "source",
+                                      proceed=lambda: _proceed_received(sock))
     fd.register(region.address, region.size, mode)
     # On the destination the control block is still missing (page 0 arrives by migration), so
     # the workload is attached only after GO, when faults are being served.
@@ -146,22 +175,32 @@ def _guest_main(args: argparse.Namespace) -> int:
     elif msg["type"] != "start":
         raise GuestError(f"expected start, got {msg['type']}")
 
+    def on_event(h: regionevents.EventHook) -> None:
+        send({"type": "event", "event": str(h.spec), "units": h.spec.at,
+              "child_digest": h.child_digest})
+
     reporter = threading.Thread(target=report_progress, name="progress", daemon=True)
     reporter.start()
     while True:
-        status = wl.run()
+        status, wl = regionevents.run_with_hook(wl, hook, on_event)
         if status is workloads.RunStatus.DONE:
             break
         if status is workloads.RunStatus.PAUSED:
             send({"type": "paused", "ops": wl.ops_done, "t_ns": time.monotonic_ns()})
             os.kill(os.getpid(), signal.SIGSTOP)
             msg, _ = _recv(sock)
+            while msg["type"] == "proceed":  # the event hook's go-ahead came too late: moot
+                msg, _ = _recv(sock)
             if msg["type"] == "resume":
                 continue
             return 0
     stop_reporting.set()
     reporter.join()
-    send({"type": "done", "digest": wl.digest(), "ops": wl.ops_done})
+    done: dict[str, Any] = {"type": "done", "digest": wl.digest(), "ops": wl.ops_done}
+    if hook is not None and hook.performed:
+        done["event"] = str(hook.spec)
+        done["child_digest"] = hook.child_digest
+    send(done)
     try:
         _recv(sock)  # wait for exit (or the socket closing) so the region stays readable
     except EOFError:
@@ -179,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ops", type=int, default=0, help="0: the workload's default for the size")
     parser.add_argument("--parent", type=int, default=0, help="daemon pid: die when it dies")
+    parser.add_argument("--event", default=None,
+                        help="test hook: a region event to perform, KIND@UNITS[:FIRST:COUNT] "
+                             "(migrate/regionevents.py)")
     args = parser.parse_args(argv)
     try:
         return _guest_main(args)
@@ -209,12 +251,16 @@ class GuestHandle:
     """A guest process started by a daemon, with its uffd (and memfd) received over SCM_RIGHTS."""
 
     def __init__(self, role: str, memory: int, *, backing: str = "anon", workload: str = "kv",
-                 seed: int = 0, ops: int = 0, ready_timeout: float = 30.0) -> None:
+                 seed: int = 0, ops: int = 0, ready_timeout: float = 30.0,
+                 event: str | None = None) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cmd = [sys.executable, "-P", "-m", "migrate.guest", "--role", role,
                "--control-fd", str(child.fileno()), "--memory", str(memory),
                "--backing", backing, "--workload", workload, "--seed", str(seed),
                "--ops", str(ops), "--parent", str(os.getpid())]
+        if event:
+            cmd += ["--event", event]
+        self.events: list[dict[str, Any]] = []  # region events the guest performed (test hook)
         self.role = role
         self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
         child.close()
@@ -230,6 +276,9 @@ class GuestHandle:
             raise GuestError(
                 f"{role} guest did not become ready ({type(exc).__name__}: {exc}); "
                 f"exit status {self.proc.poll()}") from None
+        if msg["type"] == "error":
+            self.kill()
+            raise GuestError(f"{role} guest could not start: {msg.get('error')}")
         if msg["type"] != "ready" or not fds:
             self.kill()
             raise GuestError(f"{role} guest sent {msg['type']} instead of ready with its uffd")
@@ -268,6 +317,9 @@ class GuestHandle:
                 self.progress_ops = msg["ops"]
                 self.progress_init = msg.get("init", 0)
                 continue
+            if msg["type"] == "event":
+                self.events.append(msg)
+                continue
             return msg
 
     def poll_messages(self) -> list[dict[str, Any]]:
@@ -284,6 +336,8 @@ class GuestHandle:
             if msg.get("type") == "progress":
                 self.progress_ops = msg["ops"]
                 self.progress_init = msg.get("init", 0)
+            elif msg.get("type") == "event":
+                self.events.append(msg)
             else:
                 out.append(msg)
 

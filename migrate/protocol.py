@@ -119,7 +119,8 @@ class Hello(Message):
     npages: int
     backing: str
     mode: str
-    workload: dict  # {"name", "size", "seed", "ops"}: lets the dest start the guest and check it
+    workload: dict  # {"name", "size", "seed", "ops"[, "event"]}: lets the dest start the guest and
+    #                 check it
     features: list
     digest_algorithm: str
     _schema = {
@@ -540,14 +541,24 @@ def _check_field(mtype: str, name: str, kind: str, arg: Any, value: Any, limits:
 
 
 def _check_workload(where: str, value: Any) -> dict:
-    if not isinstance(value, dict) or set(value) != {"name", "size", "seed", "ops"}:
-        raise ProtocolError(f"{where}: expected a map with name, size, seed, ops")
+    if not isinstance(value, dict) or set(value) - {"event"} != {"name", "size", "seed", "ops"}:
+        raise ProtocolError(f"{where}: expected a map with name, size, seed, ops (and an optional "
+                            f"event)")
     if not isinstance(value["name"], str) or len(value["name"]) > 64:
         raise ProtocolError(f"{where}.name: expected a short string")
     for key in ("size", "seed", "ops"):
         v = value[key]
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < (1 << 64):
             raise ProtocolError(f"{where}.{key}: expected an unsigned 64-bit integer")
+    if "event" in value:
+        # The guest's test-hook region event (migrate/regionevents.py) travels with the workload:
+        # the destination's guest and its reference run perform the same one.
+        from migrate.regionevents import EventSpec
+
+        try:
+            EventSpec.parse(value["event"]).check_region(value["size"] // 4096)
+        except ValueError as exc:
+            raise ProtocolError(f"{where}.event: {exc}") from None
     return value
 
 

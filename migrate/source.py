@@ -36,7 +36,7 @@ from typing import Any
 
 import zmq
 
-from migrate import digest, memory, protocol, transport, uffd, workloads
+from migrate import digest, memory, protocol, regionevents, transport, uffd, workloads
 from migrate.errors import MigrateError, MigrationError, ProtocolError
 from migrate.guest import GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
@@ -75,6 +75,7 @@ class SourceOptions:
     snapshot_dir: str | None = None  # write the paused region here once the destination runs it
     resume_dir: str | None = None  # take over a session from this snapshot (a restarted source)
     local_finish_timeout_s: float = 600.0
+    event: str | None = None  # test hook: a region event the guest performs (regionevents.py)
 
 
 class Progress:
@@ -145,6 +146,7 @@ class SourceMigration:
         self.service = LatencyRecorder()  # REQUEST received -> faulting page sent
         self.throttled = False  # the guest runs at SCHED_IDLE (pre-copy with opts.throttle)
         self.ops_at_start = 0  # guest operations done when the migration started
+        self.region_events: regionevents.SourceEventWatcher | None = None
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -266,7 +268,15 @@ class SourceMigration:
             self.phase = "verify"
             return self._verify()
         except (MigrateError, OSError, zmq.ZMQError) as exc:
-            report = self._failed(exc)
+            cause: BaseException = exc
+            if self.region_events is not None and not self.dest_running:
+                # An UNMAP/REMAP makes later steps fail obscurely (a scan or read of pages that
+                # moved): name the event instead.
+                try:
+                    self.region_events.check(self.phase)
+                except regionevents.RegionEventError as event_exc:
+                    cause = event_exc
+            report = self._failed(cause)
             report["guest_at_source"] = self._recover_at_source()
             return report
         finally:
@@ -319,12 +329,21 @@ class SourceMigration:
         o = self.opts
         if o.cpu is not None:
             os.sched_setaffinity(0, {o.cpu})
+        if o.event:
+            try:
+                regionevents.EventSpec.parse(o.event).check_region(o.memory // memory.PAGE_SIZE)
+            except ValueError as exc:
+                raise regionevents.RegionEventError(f"the guest's event: {exc}") from None
         self.guest = GuestHandle("source", o.memory, backing=o.backing, workload=o.workload,
-                                 seed=o.seed, ops=o.ops)
+                                 seed=o.seed, ops=o.ops, event=o.event)
         layout = self.guest.layout
         self.fd = uffd.Userfaultfd.adopt(self.guest.uffd_fd, uffd.Feature(layout.features))
         self.guest.uffd_fd = -1
         self.base, self.page, self.npages = layout.address, layout.page_size, layout.npages
+        # Read the guest's region events from now on: its madvise/munmap/mremap/fork waits
+        # for us (docs/region-events.md).
+        self.region_events = regionevents.SourceEventWatcher(
+            self.fd, self.base, self.npages, self.page, phase=lambda: self.phase)
         self.total_ops = layout.total_ops
         self.valid = bytearray(self.npages)  # 1: the destination holds this page's current bytes
         self.scanner = memory.PagemapScanner(self.guest.pid)
@@ -353,10 +372,13 @@ class SourceMigration:
         self.sockets.append(control)
         size = self.npages * self.page
         self.session = transport.session_id()
+        workload: dict[str, Any] = {"name": o.workload, "size": size, "seed": o.seed,
+                                    "ops": self.total_ops}
+        if o.event:
+            workload["event"] = o.event
         hello = protocol.Hello(
             protocol.PROTOCOL_VERSION, self.session, self.page, self.npages,
-            o.backing, o.mode,
-            {"name": o.workload, "size": size, "seed": o.seed, "ops": self.total_ops},
+            o.backing, o.mode, workload,
             ["fault-around", "zero-flag", "discard"], digest.DIGEST_ALGORITHM)
         self._send(control, hello)
         reply = self._recv(control)
@@ -407,6 +429,11 @@ class SourceMigration:
                                / 1e9, 3)
         dirty = self._scan_dirty(reprotect=True)
         self._round_end(round_no, sent, len(dirty))
+        self._check_region_events()
+        spec = regionevents.EventSpec.parse(self.opts.event) if self.opts.event else None
+        if spec is not None and spec.hold and not spec.at_dest:
+            self._proceed_with_event()
+            self._check_region_events()
         previous = None
         budget = self.opts.max_rounds or (HYBRID_ROUNDS if self.opts.mode == "hybrid"
                                           else MAX_ROUNDS)
@@ -420,6 +447,7 @@ class SourceMigration:
             sent = self._send_indexes(dirty, Batch.PRECOPY, round_no)
             dirty = self._scan_dirty(reprotect=True)
             self._round_end(round_no, sent, len(dirty))
+            self._check_region_events()
         # Pages written since the last scan have not been sent again: the switchover must send
         # or discard them together with whatever the final scan finds.
         self.pending_dirty = set(dirty)
@@ -432,6 +460,7 @@ class SourceMigration:
         for first in range(0, n, batch):
             last = min(n, first + batch)
             self._wait_window(WINDOW)
+            self._check_region_events()
             known_zero = is_present.find(1, first, last) < 0
             self._send_pages(self.bulk, Batch.PRECOPY, range(first, last), round=round_no,
                              known_zero=known_zero)
@@ -480,9 +509,12 @@ class SourceMigration:
         if self.throttled:
             self._throttle_guest(False)
         self.paused_ops = paused.get("ops", 0)
+        self._check_region_events()  # an UNMAP/REMAP just before the pause: stay here
         if self.opts.mode == "precopy":
-            # Pre-copy: the pages written since the last round go now, while the guest is paused.
-            final = sorted(self.pending_dirty.union(self._scan_dirty(reprotect=False)))
+            # Pre-copy: the pages written since the last round go now, while the guest is paused
+            # (with those it discarded: REMOVE changed them though the dirty scan may not say so).
+            final = sorted(self.pending_dirty.union(self._scan_dirty(reprotect=False),
+                                                    self._removed_pages()))
             for i in final:
                 self.valid[i] = 0
             self._send_indexes(final, Batch.FINAL, len(self.rounds) + 1)
@@ -509,12 +541,16 @@ class SourceMigration:
         if self.opts.snapshot_dir:
             self._start_snapshot()
 
+    def _removed_pages(self) -> set[int]:
+        """Pages the guest discarded during pre-copy (REMOVE events)."""
+        return self.region_events.removed_pages() if self.region_events else set()
+
     def _find_stale(self) -> array:
         """Pre-copied pages written since they were last sent (the guest is paused): no longer
         valid at the destination, so the push sends them again."""
         start, end, page = self.base, self.base + self.npages * self.page, self.page
         valid = self.valid
-        stale = array("I", sorted(self.pending_dirty))
+        stale = array("I", sorted(self.pending_dirty | self._removed_pages()))
         for i in stale:
             valid[i] = 0
         runs = self.scanner.scan(start, end, require=memory.PageCategory.WRITTEN,
@@ -527,6 +563,33 @@ class SourceMigration:
                 stale.extend(i for i in range(first, last) if valid[i])
             valid[first:last] = bytes(last - first)
         return stale
+
+    def _proceed_with_event(self, timeout_s: float = 5.0) -> None:
+        """Test hook (regionevents.EventSpec ",hold"): let the guest, waiting at its event's
+        unit count, perform the event now, during pre-copy, and wait until it says it did."""
+        assert self.guest is not None
+        self.guest.send({"type": "proceed"})
+        deadline = time.monotonic() + timeout_s
+        while not self.guest.events and time.monotonic() < deadline:
+            for msg in self.guest.poll_messages():
+                if msg["type"] == "done":
+                    self.guest_finished = msg
+            if self.guest_finished is not None:
+                return
+            time.sleep(0.002)
+
+    def _check_region_events(self) -> None:
+        if self.region_events is not None:
+            self.region_events.check(self.phase)
+
+    def _events_report(self) -> dict[str, Any]:
+        """What the guest did to its region here (as the watcher saw it, and as the guest says
+        it performed its test-hook event)."""
+        out: dict[str, Any] = dict(self.region_events.report()) if self.region_events else {}
+        if self.guest is not None and self.guest.events:
+            out["guest"] = [{k: e.get(k) for k in ("event", "child_digest")}
+                            for e in self.guest.events]
+        return out
 
     def _start_snapshot(self) -> None:
         o = self.opts
@@ -753,6 +816,7 @@ class SourceMigration:
             "transfer_ok": match,
             "digest": d.get("digest"),
             "reference_digest": d.get("reference_digest"),
+            "events": {"source": self._events_report(), "dest": d.get("events", {})},
         }
 
     def _switch_part_ns(self) -> int:
@@ -770,7 +834,8 @@ class SourceMigration:
             except zmq.ZMQError:
                 pass
         return {"ok": False, "phase": phase, "error": cause, "mode": self.opts.mode,
-                "workload": self.opts.workload, "memory_bytes": self.opts.memory}
+                "workload": self.opts.workload, "memory_bytes": self.opts.memory,
+                "events": {"source": self._events_report()}}
 
     def _recover_at_source(self) -> dict[str, Any] | None:
         """The destination never ran the guest, so the copy here is still the guest: continue
@@ -794,10 +859,15 @@ class SourceMigration:
             if done.get("type") != "done":
                 return outcome | {"error": f"guest sent {done.get('type')}"}
             o = self.opts
-            reference = workloads.reference_digest(o.workload, self.npages * self.page,
-                                                   seed=o.seed, ops=self.total_ops)
+            if o.event:
+                reference, _child = regionevents.reference_run(
+                    o.workload, self.npages * self.page, o.seed, self.total_ops, o.event)
+            else:
+                reference = workloads.reference_digest(o.workload, self.npages * self.page,
+                                                       seed=o.seed, ops=self.total_ops)
             return outcome | {"finished": True, "digest": done["digest"],
-                              "reference_digest": reference, "ok": done["digest"] == reference}
+                              "reference_digest": reference, "ok": done["digest"] == reference,
+                              "events": self._events_report()}
         except (MigrateError, OSError) as exc:
             return {"resumed": False, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -805,6 +875,8 @@ class SourceMigration:
         if self.guest is not None:
             self.guest.kill()  # the destination has it all (or the migration failed and said so)
             self.guest.close()
+        if self.region_events is not None:
+            self.region_events.stop()
         if self.fd is not None:
             self.fd.close()
         if self.snapshot_writer is not None and self.snapshot_writer.is_alive():
@@ -849,6 +921,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "faster round, at the cost of the guest's speed meanwhile")
     parser.add_argument("--no-push", action="store_true",
                         help="post-copy by demand faults only, no background push")
+    parser.add_argument("--event", default=None, metavar="KIND@UNITS[:FIRST:COUNT][,hold|,dest]",
+                        help="test hook: the guest discards (remove), unmaps, mremaps (remap) "
+                             "or forks at that many work units (docs/region-events.md)")
     parser.add_argument("--key", default=None,
                         help="this daemon's CURVE secret key file (NAME.key from migrate keygen); "
                              "required unless --to is on loopback")
@@ -873,6 +948,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.to is None:
             raise ValueError("--to tcp://HOST:PORT is required (or --resume DIR)")
         transport.require_keys_off_loopback(args.to, curve, "connect to")
+        if args.event is not None:
+            regionevents.EventSpec.parse(args.event)  # a bad spec is refused before anything runs
     except (keyfiles.KeyFileError, ValueError, SnapshotError) as exc:
         print(f"migrate source: {exc}", file=sys.stderr)
         return 2
@@ -882,7 +959,7 @@ def run(args: argparse.Namespace) -> int:
                          max_rounds=args.rounds, cpu=args.cpu, progress=not args.quiet,
                          push=not args.no_push, keys=curve, snapshot_dir=args.snapshot,
                          peer_timeout_s=args.peer_timeout, throttle=args.throttle,
-                         resume_dir=args.resume)
+                         resume_dir=args.resume, event=args.event)
     report = SourceMigration(opts).run()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -907,6 +984,12 @@ def print_report(report: dict[str, Any]) -> None:
           f"{pages.get('staged_installed', 0):,} installed from staging")
     print(f"  faults {report['faults']:,} remote: p50 {lat['p50']} us, p99 {lat['p99']} us, "
           f"max {lat['max']} us; {report.get('local_faults', 0):,} served from staging")
+    events = report.get("events") or {}
+    seen = [f"{side} {kind} {n}" for side in ("source", "dest")
+            for kind, n in (events.get(side) or {}).items()
+            if kind in ("remove", "unmap", "remap", "fork") and n]
+    if seen:
+        print(f"  guest region events: {', '.join(seen)} (docs/region-events.md)")
     print(f"  digest {report['digest']}")
     print(f"  reference {report['reference_digest']}  "
           f"({'match' if report['digest'] == report['reference_digest'] else 'MISMATCH'})")

@@ -20,7 +20,7 @@ from typing import Any
 
 from migrate import digest, memory
 from migrate._native import ffi, lib
-from migrate._sys import check
+from migrate._sys import oserror
 
 DATA = 1  # a staged page with data
 ZERO = 2  # a staged page that is all zero (installed with UFFDIO_ZEROPAGE)
@@ -75,8 +75,11 @@ class Staging:
                                         ffi.from_buffer("uint8_t[]", present,
                                                         require_writable=True),
                                         first, end, self.page, max_pages, newly)
-        check(reached if reached < 0 else 0,
-              f"installing staged pages {first}..{end} (ioctl UFFDIO_COPY/ZEROPAGE)")
+        if reached < 0:
+            exc = oserror(-reached, f"installing staged pages {first}..{end} "
+                                    f"(ioctl UFFDIO_COPY/ZEROPAGE)")
+            exc.newly = int(newly[0])  # type: ignore[attr-defined]  # installed before the error
+            raise exc
         return reached, int(newly[0])
 
     def install_next(self, fd: int, dst: int, present: bytearray, max_pages: int) -> int | None:
