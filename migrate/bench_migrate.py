@@ -83,12 +83,12 @@ def measure_floor(source_cpu: int | None, dest_cpu: int | None) -> dict[str, Any
             samples.append(time.perf_counter_ns() - t)
         samples.sort()
         payload = bytes(BULK_MESSAGE)
-        t = time.perf_counter()
+        start = time.perf_counter()
         for _ in range(BULK_BYTES // BULK_MESSAGE):
             sock.send_multipart([b"b", payload], copy=False)
         sock.send(b"e")
         got = int(sock.recv())
-        elapsed = time.perf_counter() - t
+        elapsed = time.perf_counter() - start
         sock.send(b"q")
         return {
             "zmq_rtt_us": round(samples[len(samples) // 2] / 1000, 1),

@@ -341,7 +341,7 @@ class DestSession:
             if k + INSTALL_SLICE < n:
                 if self.fd.wait(0):
                     self._on_faults()
-                if self.urgent.get(zmq.EVENTS) & zmq.POLLIN:
+                if int(self.urgent.get(zmq.EVENTS)) & zmq.POLLIN:
                     self._drain_urgent()
                 if self.events_active:
                     # The guest changed its region meanwhile: addresses computed for this batch
@@ -636,6 +636,7 @@ class DestSession:
             self._on_space_events(None, events)
             return
         for ev in events:
+            assert isinstance(ev, uffd.PageFault)  # any other event took the branch above
             index = (ev.address - base) // page
             if not 0 <= index < self.npages:
                 raise MigrationError("postcopy", f"fault at {ev.address:#x} outside the region")
@@ -941,6 +942,7 @@ class DestSession:
             self.waiting_for_resume = False
             self.report.source_restarts += 1
             self.daemon.log("a source resumed the session from its snapshot")
+            assert self.urgent is not None
             transport.send_frames(self.urgent, self.conn.send(
                 protocol.ResumeAck(self.npages, bytes(self.present))))
             now_ns = time.monotonic_ns()

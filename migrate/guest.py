@@ -324,7 +324,7 @@ class GuestHandle:
 
     def poll_messages(self) -> list[dict[str, Any]]:
         """Every control message waiting now, without blocking (progress handled)."""
-        out = []
+        out: list[dict[str, Any]] = []
         while True:
             try:
                 data = self.sock.recv(MAX_CONTROL_MESSAGE, socket.MSG_DONTWAIT)

@@ -134,7 +134,7 @@ class SourceMigration:
         self.dest_running = False  # the destination said RESUMED: its copy is the guest now
         self.bytes_sent = 0
         self.counts = {"precopy": 0, "final": 0, "pushed": 0, "demand": 0, "zero": 0}
-        self.rounds: list[dict[str, int]] = []
+        self.rounds: list[dict[str, Any]] = []
         self.requests = 0
         self.dest_report: dict[str, Any] | None = None
         self.guest_finished: dict[str, Any] | None = None  # "done" seen before the pause
@@ -169,7 +169,8 @@ class SourceMigration:
             if msg.TYPE != MsgType.PING:
                 return msg
 
-    def _read_pages(self, indexes: list[int] | range) -> tuple[bytes, bytes]:
+    def _read_pages(self, indexes: list[int] | range) -> tuple[bytes | bytearray,
+                                                                bytes | bytearray]:
         """(zero flags, data of the non-zero pages) for ``indexes`` of the guest's region."""
         page = self.page
         n = len(indexes)
@@ -216,6 +217,8 @@ class SourceMigration:
 
     def _send_pages(self, sock: zmq.Socket, kind: Batch, indexes: list[int] | range, *,
                     request: int = 0, round: int = 0, known_zero: bool = False) -> None:
+        zero: bytes | bytearray
+        data: bytes | bytearray
         if known_zero:
             zero, data = bytes([1]) * len(indexes), b""
         else:
@@ -287,6 +290,7 @@ class SourceMigration:
         """Take over a post-copy session from a snapshot left by a source that died."""
         try:
             self.phase = "resume"
+            assert self.opts.resume_dir is not None
             snap = self.snapshot = Snapshot(self.opts.resume_dir)
             st = snap.state
             o = self.opts
@@ -522,8 +526,9 @@ class SourceMigration:
         self.paused = True
         # Hybrid: which pre-copied pages are stale is found after the guest resumes there (the
         # destination installs none of them until it knows; until then it asks for each page).
-        msg = protocol.Switchover(self.seq, b"", self.paused_ops, time.monotonic_ns() - t_pause)
-        self._send(self.urgent, msg)
+        switchover = protocol.Switchover(self.seq, b"", self.paused_ops,
+                                         time.monotonic_ns() - t_pause)
+        self._send(self.urgent, switchover)
         self.guest.wait_stopped()
         reply = self._recv(self.urgent)
         if isinstance(reply, protocol.Error):
@@ -598,6 +603,7 @@ class SourceMigration:
                  "workload": {"name": o.workload, "size": self.npages * self.page,
                               "seed": o.seed, "ops": self.total_ops},
                  "ops_at_switchover": self.paused_ops}
+        assert o.snapshot_dir is not None
         self.snapshot_writer = SnapshotWriter(o.snapshot_dir, self.npages, self.page,
                                               self._read_range, state)
         self.snapshot_writer.start()
