@@ -24,7 +24,7 @@ import bisect
 import random
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from migrate.sim.loader import STACK_GUARD_GAP, Layout, Loader
 from migrate.sim.mmu import PF_P, PF_PK, PF_RSVD, PF_WR, Access, Core, PageFault
@@ -633,7 +633,8 @@ class Kernel:
         cs.lazy = False
         if prev is proc:
             slot = self._asid_slot(cid, proc)
-            if slot is not None and cs.asids[slot][1] < proc.tlb_gen:
+            held = cs.asids[slot] if slot is not None else None
+            if held is not None and held[1] < proc.tlb_gen:
                 # Lazy core coming back after shootdowns it skipped: flush now.
                 self._flush_local(cid, proc, None)
                 cs.switch_flushes += 1
@@ -642,8 +643,9 @@ class Kernel:
                 prev.cpumask.discard(cid)
             slot = self._asid_slot(cid, proc)
             need_flush = True
-            if slot is not None:
-                need_flush = cs.asids[slot][1] < proc.tlb_gen
+            held = cs.asids[slot] if slot is not None else None
+            if slot is not None and held is not None:
+                need_flush = held[1] < proc.tlb_gen
             else:
                 slot = cs.next_asid
                 cs.next_asid = (cs.next_asid + 1) % len(cs.asids)
@@ -674,7 +676,7 @@ class Kernel:
         pages = (end - start + PAGE_SIZE - 1) // PAGE_SIZE
         full = pages > self.flush_ceiling
         self.stats["shootdowns"] += 1
-        report = {"pages": pages, "full": full, "ipis": [], "lazy_skipped": [],
+        report: dict[str, Any] = {"pages": pages, "full": full, "ipis": [], "lazy_skipped": [],
                   "not_flushed": [], "local": None}
         for cid in sorted(proc.cpumask):
             cs = self.cores[cid]
@@ -818,7 +820,7 @@ class Kernel:
         record = FaultRecord(addr, code, access.name.lower(), core.id, "")
         proc.fault_log.append(record)
 
-        def deliver(signo: str, si_code: str, reason: str, pkey: int | None = None) -> None:
+        def deliver(signo: str, si_code: str, reason: str, pkey: int | None = None) -> NoReturn:
             record.resolution = {"SIGBUS": "sigbus", "SIGKILL": "sigkill"}.get(
                 signo, "pkuerr" if si_code == "SEGV_PKUERR" else "segv")
             raise Signal(signo, si_code, addr, code, reason, pkey)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from migrate.sim.paging import (
     PageTable,
@@ -240,10 +240,10 @@ class Core:
     # ---------------------------------------------------------------- register side effects
     def _modes_changed(self, name: str, old: object, new: object) -> None:
         if name == "cpl" and new not in (0, 1, 2, 3):
-            self._cpl = old
+            self._cpl = cast(int, old)
             raise GeneralProtection(f"CPL must be 0..3, got {new!r}")
         if name == "pkru" and not (isinstance(new, int) and 0 <= new < 1 << 32):
-            self._pkru = old
+            self._pkru = cast(int, old)
             raise ValueError(f"PKRU is a 32-bit register, got {new!r}")
         key = (self._cpl == 3, bool(self._cr0_wp), bool(self._efer_nxe), bool(self._cr4_smep),
                bool(self._cr4_smap), bool(self._cr4_pke), bool(self._ac),
@@ -263,10 +263,10 @@ class Core:
         if old_b != new_b:
             # SDM 4.10.4.1, MOV to CR4.
             if name == "cr4_pcide" and new_b and self._pcid != 0:
-                self._cr4_pcide = old
+                self._cr4_pcide = cast(bool, old)
                 raise GeneralProtection("setting CR4.PCIDE requires CR3[11:0] = 0")
             if name == "cr4_la57" and self.page_table is not None:
-                self._cr4_la57 = old
+                self._cr4_la57 = cast(bool, old)
                 raise GeneralProtection("CR4.LA57 cannot change while paging is enabled")
             if name == "cr4_pge" or (name == "cr4_pcide" and not new_b) or name == "cr4_la57":
                 self.tlb.flush_pcid(None, keep_global=False)
@@ -568,13 +568,13 @@ class Core:
             for _ea, lv, e_at, c_and, c_or in path[:-1]:
                 # Cached rights are cumulative (with LA57 the PML4E entry includes the PML5E's);
                 # A is recorded as set because it was just set in every entry used.
-                value = (e_at & addr_mask, c_and | 0x20, c_or)
+                cached = (e_at & addr_mask, c_and | 0x20, c_or)
                 if lv == 4:
-                    tlb.pml4_cache.put(vaddr, pcid, value)
+                    tlb.pml4_cache.put(vaddr, pcid, cached)
                 elif lv == 3:
-                    tlb.pdpt_cache.put(vaddr, pcid, value)
+                    tlb.pdpt_cache.put(vaddr, pcid, cached)
                 elif lv == 2:
-                    tlb.pde_cache.put(vaddr, pcid, value)
+                    tlb.pde_cache.put(vaddr, pcid, cached)
             dirty = R_D if (write or e & 0x40) else 0
             global_ = (e & 0x100) and self._cr4_pge
             value = base | rights | dirty | (R_G if global_ else 0)

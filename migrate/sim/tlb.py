@@ -165,7 +165,7 @@ class TLBArray:
     def __len__(self) -> int:
         return sum(len(s) for s in self.sets)
 
-    def entries(self) -> list[tuple[int, int, int]]:
+    def entries(self) -> list[tuple[int, int, int, int]]:
         """(vaddr of page, shift, tag, value) of every entry, for inspection."""
         out = []
         for s in self.sets:
