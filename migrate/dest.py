@@ -318,6 +318,15 @@ class DestSession:
             self.report.pages["pushed"] += n
         return installed
 
+    def _replied(self, index: int) -> None:
+        """The reply naming ``index`` first is installed: its request is answered, and timed if
+        a fault asked (not the sweep)."""
+        pending = self.pending.pop(index, None)
+        if pending is not None and pending[3]:
+            done = time.monotonic_ns()
+            self.report.fault_latency.record_ns(done - pending[1])
+            self.report.install_latency.record_ns(done - self.urgent_arrival_ns)
+
     def _resolved(self, indexes: Any) -> None:
         """Pages just installed (pushed, from staging, or another fault's neighbours): a fault
         waiting on one of them is over (the install woke it), whenever its own reply comes."""
@@ -395,10 +404,7 @@ class DestSession:
         except (BlockingIOError, FileNotFoundError) as exc:
             self._staging_interrupted(exc)  # the fault is asked of the source when it recurs
             return
-        self.present_count += newly
-        if self.pending:
-            self._resolved(range(first, end))
-        self.report.pages["local"] += newly
+        self._staged_in(newly, first, end)
 
     def _install_staged_batch(self) -> bool:
         """Background: a batch of staged pages into the guest. False when none is left."""
@@ -415,12 +421,16 @@ class DestSession:
         if newly is None:
             self._release_staging()
             return False
-        self.present_count += newly
-        if self.pending:
-            self._resolved([p for p in self.pending if before <= p < st.cursor])
-        self.report.pages["local"] += newly
+        self._staged_in(newly, before, st.cursor)
         self._maybe_complete()
         return True
+
+    def _staged_in(self, newly: int, first: int, end: int) -> None:
+        """Staged pages of [first, end) went in (``newly`` of them were missing)."""
+        self.present_count += newly
+        self.report.pages["local"] += newly
+        if self.pending:
+            self._resolved([p for p in self.pending if first <= p < end])
 
     def _staging_interrupted(self, exc: OSError) -> None:
         """A staged install met the guest changing its region (an event pending: EAGAIN, or
@@ -844,12 +854,8 @@ class DestSession:
 
     def _on_pages_translated(self, msg: protocol.Pages) -> None:
         idx = msg.index_array()
-        pending = self.pending.pop(idx[0], None)
         self._install_translated(msg)
-        if pending is not None and pending[3]:  # a fault's reply (not a swept page's)
-            done = time.monotonic_ns()
-            self.report.fault_latency.record_ns(done - pending[1])
-            self.report.install_latency.record_ns(done - self.urgent_arrival_ns)
+        self._replied(idx[0])
         self._resolved(idx)
         self._maybe_complete()
 
@@ -905,11 +911,7 @@ class DestSession:
                 return
             if msg.kind == Batch.DEMAND and not self.present[first]:
                 self._install_first(msg, first)  # wake the faulting guest before anything else
-            pending = self.pending.pop(first, None)
-            if pending is not None and pending[3]:  # a fault's reply (not a swept page's)
-                done = time.monotonic_ns()
-                self.report.fault_latency.record_ns(done - pending[1])
-                self.report.install_latency.record_ns(done - self.urgent_arrival_ns)
+            self._replied(first)
             if len(idx) > 1 or msg.kind != Batch.DEMAND:
                 self.install(msg, wake=True)
             else:

@@ -91,12 +91,9 @@ class Progress:
         return self.enabled and time.monotonic() - self.last >= (0.1 if self.tty else 1.0)
 
     def update(self, phase: str, text: str, *, force: bool = False) -> None:
-        if not self.enabled:
+        if not self.enabled or not (force or self.due()):
             return
-        now = time.monotonic()
-        if not force and now - self.last < (0.1 if self.tty else 1.0):
-            return
-        self.last = now
+        self.last = time.monotonic()
         if self.tty:
             sys.stderr.write(f"\r\033[K[source] {phase:<10} {text}")
         else:

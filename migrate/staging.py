@@ -40,10 +40,8 @@ class Staging:
         # No MADV_HUGEPAGE: first touch of madvised THP here ran at 0.66 GB/s against 2.5 GB/s
         # for 4 KiB pages (THP defrag=madvise compacts synchronously).
         self.region = memory.Region.anonymous(npages * page_size)
-        self.view = self.region.view()
         self.state = bytearray(npages)
         self.stale_known = False  # installing from here is allowed only once stale pages are known
-        self.staged_pages = 0  # pages stored at least once (for the report)
         self.cursor = 0  # the background install has handled every page below this
         self.freed = 0  # bytes of staging released from the start
         self._state_ptr = ffi.from_buffer("uint8_t[]", self.state, require_writable=True)
@@ -62,7 +60,6 @@ class Staging:
             ffi.from_buffer(data) if ndata else ffi.NULL,
             ffi.from_buffer("uint64_t[]", data_hashes) if ndata else ffi.NULL,
             ZERO_PAGE_HASH, self.page)
-        self.staged_pages += first_time
         return first_time, n - first_time
 
     def install(self, fd: int, dst: int, present: bytearray, first: int, end: int,
@@ -112,4 +109,4 @@ class Staging:
         return self.npages - self.state.count(0)
 
     def close(self) -> None:
-        self.region.close()  # releases the view too
+        self.region.close()

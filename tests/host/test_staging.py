@@ -49,11 +49,11 @@ def test_store_keeps_the_latest_copy_and_the_hash_of_each_page(target):
                             page(1003) + page(1700), hashes)
     assert (first, again) == (1, 2)
     assert st.state[3] == DATA and st.state[5] == ZERO and st.state[700] == DATA
-    assert st.state[8] == 0 and st.staged_pages == 9
+    assert st.state[8] == 0 and st.remaining() == 9
     assert hashes[3] == digest.page_hashes(page(1003))[0]
     assert hashes[5] == ZERO_PAGE_HASH
     assert hashes[700] == digest.page_hashes(page(1700))[0]
-    assert bytes(st.view[3 * PAGE_SIZE:4 * PAGE_SIZE]) == page(1003)
+    assert st.region.read(3 * PAGE_SIZE, PAGE_SIZE) == page(1003)
     assert present_pages(region) == []  # nothing reaches the guest's region by storing
 
 
