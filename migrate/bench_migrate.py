@@ -4,7 +4,11 @@ The floor is measured between two processes placed exactly as the daemons are (s
 destination on another when there are two), so every figure can be read against it:
 
 * ``zmq_rtt_us``: a 16-byte request on a DEALER socket answered with a 4 KiB reply (median);
-* ``bulk_gbps``: 1 MiB messages streamed one way and received (GB/s, 1e9 bytes).
+* ``bulk_gbps``: 1 MiB messages streamed one way and received (GB/s, 1e9 bytes);
+* ``fresh_memory_gbps``: first touch of newly mapped memory on the destination's CPU, and
+  ``reserve_memory_gbps``: the same for memory just given back by a reserve (``migrate dest
+  --reserve``). Installing a page needs a fresh one, so on a VM whose free memory is cold (free
+  page reporting) the first figure bounds any transfer into a guest's region.
 
 Then ``kv`` is migrated at ``--memory`` (default 1 GiB) in each mode, ``--runs`` times each, by the
 same code path as ``migrate demo`` (two daemon processes); medians are reported with every run.
@@ -54,6 +58,49 @@ def _echo_server(endpoint_queue: Any, cpu: int | None) -> None:
             received = 0
     sock.close(linger=0)
     ctx.term()
+
+
+FRESH_BYTES = 256 << 20
+
+
+def _touch_gbps(queue: Any, cpu: int | None) -> None:
+    """First touch of fresh memory, then of memory released from a reserve 2 MiB ahead."""
+    from migrate import fastpath, memory
+    from migrate._native import ffi, lib
+
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    npages = FRESH_BYTES // memory.PAGE_SIZE
+    lat = ffi.new("uint64_t[]", npages)
+    fresh = memory.Region.anonymous(FRESH_BYTES)
+    t = time.perf_counter()
+    lib.mig_touch_range(fresh.address, npages, memory.PAGE_SIZE, 1, lat)
+    fresh_s = time.perf_counter() - t
+    fresh.close()
+    reserve = fastpath.Reserve(FRESH_BYTES)
+    reserve.fill()
+    target = memory.Region.anonymous(FRESH_BYTES)
+    chunk = 2 << 20
+    t = time.perf_counter()
+    for off in range(0, FRESH_BYTES, chunk):
+        reserve.take(chunk)
+        lib.mig_touch_range(target.address + off, chunk // memory.PAGE_SIZE, memory.PAGE_SIZE,
+                            1, lat)
+    reserve_s = time.perf_counter() - t
+    target.close()
+    reserve.close()
+    queue.put((round(FRESH_BYTES / fresh_s / 1e9, 3), round(FRESH_BYTES / reserve_s / 1e9, 3)))
+
+
+def measure_fresh_memory(cpu: int | None) -> dict[str, float]:
+    mp = multiprocessing.get_context("spawn")
+    queue = mp.Queue()
+    proc = mp.Process(target=_touch_gbps, args=(queue, cpu), daemon=True)
+    proc.start()
+    fresh, reserved = queue.get(timeout=120)
+    proc.join(10)
+    return {"fresh_memory_gbps": fresh, "reserve_memory_gbps": reserved,
+            "fresh_memory_bytes": FRESH_BYTES}
 
 
 def measure_floor(source_cpu: int | None, dest_cpu: int | None) -> dict[str, Any]:
@@ -109,6 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = max(1, args.runs)
     source_cpu, dest_cpu = cpus_for_daemons(True)
     floor = measure_floor(source_cpu, dest_cpu)
+    floor.update(measure_fresh_memory(dest_cpu))
     modes: dict[str, Any] = {}
     fault_p50: list[float] = []
     fault_p99: list[float] = []
@@ -116,16 +164,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     push: list[float] = []
     # The three modes, then hybrid with the guest throttled during pre-copy (--throttle), for
     # comparison: it converges, but the guest gets little done meanwhile (guest_ops_during_precopy).
-    for name, mode, throttle in (("precopy", "precopy", False), ("postcopy", "postcopy", False),
-                                 ("hybrid", "hybrid", False),
-                                 ("hybrid_throttled", "hybrid", True)):
+    # The three modes, then hybrid with the guest throttled during pre-copy (--throttle), and
+    # post-copy without the destination's reserve (every page installed into fresh memory).
+    for name, mode, throttle, reserve in (
+            ("precopy", "precopy", False, True), ("postcopy", "postcopy", False, True),
+            ("hybrid", "hybrid", False, True), ("hybrid_throttled", "hybrid", True, True),
+            ("postcopy_no_reserve", "postcopy", False, False)):
         reports = []
         for _ in range(runs):
             r = run_demo("kv", memory, mode, after=args.after if hasattr(args, "after") else 2.0,
-                         quiet=True, throttle=throttle)
+                         quiet=True, throttle=throttle, reserve=reserve)
             reports.append(r)
-            if throttle:
-                continue  # the headline figures are the unthrottled runs'
+            if throttle or not reserve:
+                continue  # the headline figures are those of the plain modes'
             lat = r.get("fault_latency_us") or {}
             if lat.get("p50") is not None and r.get("faults", 0) >= 100:
                 fault_p50.append(lat["p50"])
@@ -161,10 +212,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # the guest's region (pushed and demanded pages, from the resume to COMPLETE).
         "bulk_gbps": median(bulk) if bulk else None,
         "push_gbps": median(push) if push else None,
+        "push_gbps_no_reserve": _median_of(modes.get("postcopy_no_reserve"), "postcopy_gbps"),
         "modes": modes,
     }
     figures["goals"] = goals(figures)
     return figures
+
+
+def _median_of(row: dict[str, Any] | None, key: str) -> float | None:
+    values = [r[key] for r in (row or {}).get("each", []) if r.get("ok") and r.get(key)]
+    return median(values) if values else None
 
 
 # The live-migration issue's goals for kv at 1 GiB over loopback: (figure path, bound, at most?).

@@ -34,6 +34,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--curve", action="store_true",
                         help="authenticate and encrypt with CURVE keys made for this run")
+    parser.add_argument("--no-reserve", action="store_true",
+                        help="start the destination without a reserve of faulted-in memory "
+                             "(every installed page is then fresh memory)")
     parser.add_argument("--throttle", action="store_true",
                         help="run the guest at SCHED_IDLE during pre-copy (see migrate source)")
 
@@ -51,7 +54,7 @@ def cpus_for_daemons(pin: bool) -> tuple[int | None, int | None]:
 def run_demo(workload: str, memory: str | int, mode: str, *, seed: int = 0, ops: int = 0,
              after: float = 1.0, backing: str = "anon", pin: bool = True,
              timeout: float = 600.0, quiet: bool = False, curve: bool = False,
-             throttle: bool = False) -> dict[str, Any]:
+             throttle: bool = False, reserve: bool = True) -> dict[str, Any]:
     source_cpu, dest_cpu = cpus_for_daemons(pin)
     with tempfile.TemporaryDirectory(prefix="migrate-demo-") as tmp:
         ready = os.path.join(tmp, "dest.endpoint")
@@ -71,6 +74,10 @@ def run_demo(workload: str, memory: str | int, mode: str, *, seed: int = 0, ops:
                            "--server-key", os.path.join(tmp, "dest.key_public")]
         if dest_cpu is not None:
             dest_cmd += ["--cpu", str(dest_cpu)]
+        if reserve:
+            # The destination faults in the guest's size of memory while the source starts, as a
+            # host expecting a guest would (see `migrate dest --reserve`).
+            dest_cmd += ["--reserve", str(memory)]
         dest = subprocess.Popen(dest_cmd, stdin=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 30
@@ -103,6 +110,7 @@ def run_demo(workload: str, memory: str | int, mode: str, *, seed: int = 0, ops:
             report["daemon_exit"] = {"source": out.returncode, "dest": dest.returncode}
             report["cpus"] = {"source": source_cpu, "dest": dest_cpu}
             report["curve"] = curve
+            report["dest_reserve"] = str(memory) if reserve else None
             return report
         finally:
             if dest.poll() is None:
@@ -116,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_demo(args.workload, args.memory, args.mode, seed=args.seed, ops=args.ops,
                       after=args.after, backing=args.backing, pin=not args.no_pin,
                       timeout=args.timeout, quiet=args.json, curve=args.curve,
-                      throttle=args.throttle)
+                      throttle=args.throttle, reserve=not args.no_reserve)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -25,6 +25,7 @@ import collections
 import errno
 import json
 import os
+import select
 import sys
 import threading
 import time
@@ -35,7 +36,7 @@ from typing import Any
 import psutil
 import zmq
 
-from migrate import digest, protocol, regionevents, transport, uffd
+from migrate import digest, fastpath, protocol, regionevents, transport, uffd
 from migrate.errors import MigrateError, MigrationError, ProtocolError
 from migrate.guest import GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
@@ -75,6 +76,8 @@ class DestOptions:
     advertise: str | None = None  # host named in WELCOME when listening on every address
     quiet: bool = False
     max_sessions: int = 16  # migrations in progress at once; more HELLOs are refused
+    fast_path: bool = True  # post-copy loop in C (fastpath.py) when libzmq can be reached
+    reserve: int = 0  # bytes of memory faulted in ahead for incoming guests (fastpath.Reserve)
 
 
 @dataclass
@@ -104,6 +107,11 @@ class SessionReport:
     retries: int = 0  # fault requests sent again because no reply came
     swept: int = 0  # missing pages asked for by the sweep
     local_faults: int = 0  # faults resolved from staged pages, without asking the source
+    fast_path: bool = False  # post-copy ran (at least partly) in the C loop (fastpath.py)
+    fast_wakeups: int = 0  # times that loop slept and was woken
+    fast_realtime: bool = False  # that loop ran at SCHED_FIFO (fastpath.realtime)
+    urgent_io: str = ""  # the urgent channel's I/O thread priority (transport.make_context)
+    push_slice_us: float | None = None  # mean time installing one slice of a pushed batch
     # Region events the guest caused here (docs/region-events.md), pages zero-filled locally
     # (discarded, or not the region's), faults of forked children and the pages they lacked at
     # the fork.
@@ -115,11 +123,15 @@ class SessionReport:
         return {
             "ok": self.ok, "phase": self.phase, "error": self.error, "mode": self.mode,
             "workload": self.workload, "pages": dict(self.pages), "faults": self.faults,
-            "local_faults": self.local_faults,
+            "local_faults": self.local_faults, "fast_path": self.fast_path,
+            "fast_wakeups": self.fast_wakeups, "fast_realtime": self.fast_realtime,
+            "urgent_io": self.urgent_io, "push_slice_us": self.push_slice_us,
             "fault_latency_us": self.fault_latency.report(), "resume_ns": self.resume_ns,
             "fault_stages_us": {
                 "dest_request_p50": self.request_latency.percentile_us(50),
+                "dest_request_p99": self.request_latency.percentile_us(99),
                 "dest_install_p50": self.install_latency.percentile_us(50),
+                "dest_install_p99": self.install_latency.percentile_us(99),
             },
             "received_digest": self.received_digest, "source_digest": self.source_digest,
             "transfer_ok": self.transfer_ok, "digest": self.digest,
@@ -133,19 +145,26 @@ class SessionReport:
 class DestSession:
     """One incoming migration."""
 
-    def __init__(self, daemon: DestDaemon, router_id: bytes, hello_frames: list[Any]) -> None:
+    def __init__(self, daemon: DestDaemon, router_id: bytes, hello_frames: list[Any],
+                 reserve: fastpath.Reserve | None = None) -> None:
         self.daemon = daemon
+        self.reserve = reserve
         self.opts = daemon.opts
         self.router_id = router_id
         self.conn = protocol.Connection(protocol.Side.DEST)
         self.report = SessionReport()
+        self.report.urgent_io = getattr(daemon.ctx, "urgent_io_priority", "")
         self.guest: GuestHandle | None = None
         self.fd: uffd.Userfaultfd | None = None
         self.urgent: zmq.Socket | None = None
         self.bulk: zmq.Socket | None = None
         self.hello_frames = hello_frames
         self.present = bytearray()
-        self.present_count = 0
+        self._present_count = 0
+        # The post-copy fast path (fastpath.py): None while Python runs the loop. Once it stops
+        # (a region event), it does not start again for this session.
+        self.fast: fastpath.DestFastPath | None = None
+        self.fast_off: str | None = None if self.opts.fast_path else "disabled (--no-fast-path)"
         self.hashes = array("Q")
         self.staging: Staging | None = None  # pre-copied pages not yet in the guest
         # page index -> (request id, first sent ns, last sent ns, asked because of a fault)
@@ -172,6 +191,18 @@ class DestSession:
         self.events_active = False
         self.reference_child: str | None = None
         self._poller: zmq.Poller | None = None
+
+    @property
+    def present_count(self) -> int:
+        """Pages the guest has (with the fast path running, its count is the one kept)."""
+        return int(self.fast.st.present_count) if self.fast is not None else self._present_count
+
+    @present_count.setter
+    def present_count(self, value: int) -> None:
+        if self.fast is not None:
+            self.fast.st.present_count = value
+        else:
+            self._present_count = value
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -210,9 +241,11 @@ class DestSession:
         host = transport.host_of(self.opts.listen)
         client = transport.peer_key(self.hello_frames[0])  # only the HELLO's sender may join
         self.urgent, urgent_ep = transport.bind_channel(self.daemon.ctx, host, self.opts.keys,
-                                                        peer=client, advertise=self.opts.advertise)
+                                                        peer=client, advertise=self.opts.advertise,
+                                                        channel="urgent")
         self.bulk, bulk_ep = transport.bind_channel(self.daemon.ctx, host, self.opts.keys,
-                                                    peer=client, advertise=self.opts.advertise)
+                                                    peer=client, advertise=self.opts.advertise,
+                                                    channel="bulk")
         welcome = protocol.Welcome(protocol.PROTOCOL_VERSION, hello.session, urgent_ep, bulk_ep,
                                    protocol.negotiate_features(hello.features))
         self.daemon.reply(self.router_id, self.conn.send(welcome))
@@ -259,6 +292,8 @@ class DestSession:
                 raise ProtocolError(f"a {Batch(msg.kind).name} batch after the guest runs here")
             if self.staging is None:
                 self.staging = Staging(self.npages, self.page)
+            if self.reserve is not None:
+                self.reserve.take((len(idx) - zero.count(1)) * self.page)
             first_time, again = self.staging.store(idx, zero, buf, self.hashes)
             self.report.pages["zero"] += zero.count(1)
             self.report.pages["precopy"] += first_time
@@ -280,6 +315,8 @@ class DestSession:
             off += page
         installed = 0
         if new_addrs:
+            if self.reserve is not None:
+                self.reserve.take(len(new_addrs) * page)
             if len(new_off) == off // page:  # every data page is new: the frame is already in order
                 data = buf
             else:
@@ -429,6 +466,8 @@ class DestSession:
         """Staged pages of [first, end) went in (``newly`` of them were missing)."""
         self.present_count += newly
         self.report.pages["local"] += newly
+        if self.fast is not None:
+            self.fast.resolve(first, end)
         if self.pending:
             self._resolved([p for p in self.pending if first <= p < end])
 
@@ -475,6 +514,7 @@ class DestSession:
                 pass
 
     def _cleanup(self) -> None:
+        self._stop_fast()
         for child in self.children:
             child.fd.close()  # a child still faulting gets zero pages from the kernel now
         self.children = []
@@ -518,6 +558,16 @@ class DestSession:
         last_tick = 0.0
         local_work = False
         while not self.finished:
+            if self.fast is None and self._fast_wanted():
+                self._start_fast()
+            if self.fast is not None:
+                local_work = self._fast_turn(local_work)
+                now = time.monotonic()
+                last_bulk = max(last_bulk, self._fast_last_bulk)
+                if now - last_tick >= TICK_S:
+                    last_tick = now
+                    self._tick(now, last_bulk)
+                continue
             ready = dict(poller.poll(0 if local_work else int(TICK_S * 1000)))
             now = time.monotonic()
             if uffd_fd in ready:
@@ -546,6 +596,121 @@ class DestSession:
             if now - last_tick >= TICK_S:
                 last_tick = now
                 self._tick(now, last_bulk)
+
+    # -- the post-copy fast path (fastpath.py) ------------------------------------------------
+
+    _fast_last_bulk = 0.0
+
+    def _fast_wanted(self) -> bool:
+        if self.fast_off is not None:
+            return False
+        if (self.report.phase != "postcopy" or self.events_active or self.children
+                or self.completed_sent):
+            return False
+        usable, why = fastpath.available()
+        if not usable:
+            self.fast_off = f"unavailable: {why}"
+            self.daemon.log(f"post-copy fast path {self.fast_off}; the Python loop serves faults")
+            return False
+        return True
+
+    def _start_fast(self) -> None:
+        assert self.fd is not None and self.urgent is not None and self.bulk is not None
+        fast = fastpath.DestFastPath(
+            urgent=self.urgent, bulk=self.bulk, uffd=self.fd.fileno(), base=self.base,
+            page_size=self.page, npages=self.npages, present=self.present, hashes=self.hashes,
+            zero_hash=ZERO_PAGE_HASH, around=self.opts.fault_around, slice_pages=INSTALL_SLICE,
+            local_around=LOCAL_AROUND, next_request=self.next_request,
+            present_count=self._present_count, reserve=self.reserve)
+        fast.adopt_pending(self.pending)
+        self.pending = {}
+        self.fast = fast
+        self.report.fast_path = True
+        self._realtime = fastpath.realtime().__enter__()
+        self.report.fast_realtime = self._realtime.applied
+
+    def _stop_fast(self) -> None:
+        """Back to the Python loop for good: its counters, requests and pages are taken over."""
+        fast = self.fast
+        if fast is None:
+            return
+        self._fast_collect(fast)
+        st = fast.st
+        self.fast = None
+        self._realtime.__exit__(None, None, None)
+        self._present_count = int(st.present_count)
+        self.pending.update(fast.pending())
+        self.next_request = int(st.next_request)
+        self.bulk_seq = max(self.bulk_seq, int(st.bulk_seq))
+        self.pushed_messages += int(st.pushed_msgs)
+        r = self.report
+        r.faults += st.faults
+        r.local_faults += st.local_faults
+        for key, value in (("demand", st.demand_pages), ("pushed", st.pushed_pages),
+                           ("zero", st.zero_pages), ("local", st.local_pages)):
+            r.pages[key] += int(value)
+        r.fast_wakeups = int(st.wakeups)
+        if st.push_slices:
+            r.push_slice_us = round(st.push_install_ns / st.push_slices / 1000, 1)
+
+    def _fast_collect(self, fast: fastpath.DestFastPath) -> None:
+        """Latency samples and liveness times of the last run."""
+        r, st = self.report, fast.st
+        fast.take_samples(r.fault_latency, r.request_latency, r.install_latency)
+        if st.last_heard_ns:
+            self.last_heard = max(self.last_heard, st.last_heard_ns / 1e9)
+        if st.last_sent_ns:
+            self.last_sent = max(self.last_sent, st.last_sent_ns / 1e9)
+        if st.last_bulk_ns:
+            self._fast_last_bulk = st.last_bulk_ns / 1e9
+
+    def _fast_turn(self, local_work: bool) -> bool:
+        """One run of the C loop, then what it handed back; staged pages go in between runs.
+        Returns whether staged pages remain to install (the next run must not wait)."""
+        fast = self.fast
+        assert fast is not None and self.guest is not None
+        st = self.staging
+        fast.set_staging(st, st is not None and st.stale_known and not self.events_active)
+        flags = fast.run(0 if local_work else int(TICK_S * 1000))
+        self._fast_collect(fast)
+        if flags & fastpath.OUTSIDE:
+            raise MigrationError("postcopy", f"fault at {fast.st.bad_address:#x} outside the "
+                                             f"region")
+        events = fast.take_events() if flags & fastpath.EVENTS else []
+        urgent = fast.take_urgent() if flags & fastpath.URGENT else None
+        bulk = fast.take_bulk() if flags & fastpath.BULK else None
+        interrupted = (bool(fast.st.staging_interrupted) or (urgent is not None and urgent[1])
+                       or (bulk is not None and bulk[1]))
+        if events or interrupted:
+            # The guest is changing its region: Python follows its events from here on.
+            self._stop_fast()
+            if interrupted and fast.st.staging_interrupted:
+                self.daemon.log("the guest changed its region: staged pages are fetched from "
+                                "the source instead")
+            if events:
+                self._on_space_events(None, events)
+            if interrupted:
+                self._drain(None)
+            self.events_active = True
+        if urgent is not None:
+            self.urgent_arrival_ns = time.monotonic_ns()
+            self._on_urgent(self.conn.receive(urgent[0]))
+        if bulk is not None:
+            self._on_bulk(self.conn.receive(bulk[0]))
+        if (urgent is not None or bulk is not None) and self.fast is not None:
+            self.fast.resolve(0, self.npages)  # Python may have installed pages
+        if flags & fastpath.COMPLETE:
+            self._maybe_complete()
+        if self.completed_sent:
+            self._stop_fast()  # the rest (VERIFIED, late pushes) is the Python loop's
+        more = self._install_staged_batch()
+        guest_fd = self.guest.fileno()
+        if select.select([guest_fd], [], [], 0)[0]:
+            for msg in self.guest.poll_messages():
+                if msg["type"] == "done":
+                    self.guest_done = msg
+                    self._finish_if_done()
+        return more
 
     def _drain_urgent(self) -> None:
         """Every message waiting on the urgent channel. Readiness alone proves nothing (a
@@ -602,6 +767,8 @@ class DestSession:
         if self.report.phase == "postcopy":
             retry_ns = int(REQUEST_RETRY_S * 1e9)
             now_ns = time.monotonic_ns()
+            if self.fast is not None:
+                self.report.retries += self.fast.retry(now_ns, retry_ns)
             for index, (req, first_ns, sent_ns, fault) in list(self.pending.items()):
                 if now_ns - sent_ns >= retry_ns:
                     self.pending[index] = (req, first_ns, now_ns, fault)
@@ -629,7 +796,12 @@ class DestSession:
         index = present.find(0)
         now_ns = time.monotonic_ns()
         while 0 <= index and asked < SWEEP_PAGES:
-            if index not in pending and not self._installable_here(index):
+            if self.fast is not None:
+                if not self.fast.is_pending(index) and not self._installable_here(index):
+                    self.fast.ask(index, fault=False)
+                    self.report.swept += 1
+                    asked += 1
+            elif index not in pending and not self._installable_here(index):
                 req = self.next_request
                 self.next_request += 1
                 pending[index] = (req, now_ns, now_ns, False)
@@ -948,6 +1120,8 @@ class DestSession:
             transport.send_frames(self.urgent, self.conn.send(
                 protocol.ResumeAck(self.npages, bytes(self.present))))
             now_ns = time.monotonic_ns()
+            if self.fast is not None:
+                self.fast.retry(now_ns, 0)  # asked of the old source: ask the new one
             for index, (req, first_ns, _sent, fault) in list(self.pending.items()):
                 self.pending[index] = (req, first_ns, now_ns, fault)
                 self._request(index, req)  # asked of the old source: ask the new one
@@ -1103,6 +1277,45 @@ class DestDaemon:
         self.reports: collections.deque[dict[str, Any]] = collections.deque(maxlen=REPORT_HISTORY)
         self.failures = 0
         self.sessions: list[threading.Thread] = []
+        self.reserve: fastpath.Reserve | None = None
+        self._reserve_thread: threading.Thread | None = None
+        if opts.reserve:
+            self._refill_reserve()
+
+    def _refill_reserve(self) -> None:
+        """A new reserve of ``opts.reserve`` bytes, faulted in by a background thread (the
+        daemon listens meanwhile; a migration that starts early uses what is filled so far)."""
+        self._close_reserve()
+        self.reserve = reserve = fastpath.Reserve(self.opts.reserve)
+
+        def fill() -> None:
+            started = time.monotonic()
+            reserve.fill()
+            if reserve.error is not None:
+                self.log(f"reserve: {reserve.error}")
+            else:
+                self.log(f"reserve: {reserve.size >> 20} MiB faulted in "
+                         f"({time.monotonic() - started:.1f} s)")
+
+        self._reserve_thread = threading.Thread(target=fill, name="reserve-fill", daemon=True)
+        self._reserve_thread.start()
+
+    def _close_reserve(self) -> None:
+        """Give the reserve back; its fill thread stops at the next chunk and is awaited (it
+        writes into the reserve's state)."""
+        if self.reserve is not None:
+            self.reserve.give_back()
+            if self._reserve_thread is not None:
+                self._reserve_thread.join()
+            self.reserve.close()
+            self.reserve = None
+
+    def _reserve_for(self) -> fastpath.Reserve | None:
+        """The reserve a new session may draw from; a used one is replaced once no migration
+        is in progress (its memory was given back to the guests that arrived)."""
+        if self.reserve is not None and self.reserve.depleted and not self.sessions:
+            self._refill_reserve()
+        return self.reserve
 
     def log(self, text: str) -> None:
         if not self.opts.quiet:
@@ -1130,7 +1343,7 @@ class DestDaemon:
                 region_bytes = self._admissible(router_id, frames[1:])
                 if not region_bytes:
                     continue  # malformed, replayed or too big: not a migration, not counted
-                session = DestSession(self, router_id, frames[1:])
+                session = DestSession(self, router_id, frames[1:], self._reserve_for())
                 thread = threading.Thread(target=self._run_session, args=(session,),
                                           name="dest-session", daemon=True)
                 thread.region_bytes = region_bytes  # type: ignore[attr-defined]
@@ -1140,6 +1353,7 @@ class DestDaemon:
             for thread in self.sessions:
                 thread.join()
         finally:
+            self._close_reserve()
             self.router.close(linger=0)
             self.ctx.term()
         return list(self.reports)
@@ -1224,6 +1438,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         metavar="SECONDS",
                         help="after that, how long to wait for a source to resume from its "
                              "snapshot, if it announced one (default %(default)s s)")
+    parser.add_argument("--reserve", default=None, metavar="SIZE",
+                        help="fault this much memory in ahead of time (e.g. 1G) and give it back "
+                             "just before incoming pages need it: on a host whose free memory "
+                             "is cold (a VM with free page reporting) installs then run at "
+                             "memory speed; the memory is held while no migration runs")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="serve post-copy faults from the Python loop instead of the C one "
+                             "(for comparison and diagnosis)")
     parser.add_argument("--max-sessions", type=int, default=DestOptions.max_sessions,
                         help="migrations in progress at once; further HELLOs are refused")
     parser.add_argument("--key", default=None,
@@ -1236,8 +1458,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from migrate import keys as keyfiles
+    from migrate import workloads
 
     try:
+        reserve = workloads.parse_size(args.reserve) if args.reserve else 0
         curve, allowed = None, None
         if args.key is not None:
             pair = keyfiles.load_secret(args.key)
@@ -1256,7 +1480,9 @@ def run(args: argparse.Namespace) -> int:
                        verify_reference=not args.no_reference, json_reports=args.json,
                        quiet=args.quiet, keys=curve, allowed_clients=allowed,
                        peer_timeout_s=args.peer_timeout, resume_timeout_s=args.resume_timeout,
-                       max_sessions=args.max_sessions, advertise=args.advertise)
+                       max_sessions=args.max_sessions, advertise=args.advertise,
+                       fast_path=not args.no_fast_path,
+                       reserve=reserve)
     daemon = DestDaemon(opts)
     if args.ready_file:
         tmp = args.ready_file + ".tmp"

@@ -387,6 +387,22 @@ class GuestHandle:
         os.kill(self.pid, signal.SIGCONT)
         self.send({"type": "resume"})
 
+    def set_idle(self, on: bool) -> bool:
+        """Every thread of the guest at SCHED_IDLE (on) or back to SCHED_OTHER: an idle guest
+        runs only on CPU time its daemon leaves, so the daemon's loop is never queued behind
+        it. False when the guest is gone."""
+        policy = os.SCHED_IDLE if on else os.SCHED_OTHER
+        try:
+            tids = os.listdir(f"/proc/{self.pid}/task")
+        except FileNotFoundError:
+            return False
+        for tid in tids:
+            try:
+                os.sched_setscheduler(int(tid), policy, os.sched_param(0))
+            except ProcessLookupError:
+                pass
+        return True
+
     def go(self) -> None:
         """Let a destination guest run (its region is empty: every page arrives by a fault
         or by the daemon installing it)."""

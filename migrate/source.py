@@ -36,7 +36,7 @@ from typing import Any
 
 import zmq
 
-from migrate import digest, memory, protocol, regionevents, transport, uffd, workloads
+from migrate import digest, fastpath, memory, protocol, regionevents, transport, uffd, workloads
 from migrate.errors import MigrateError, MigrationError, ProtocolError
 from migrate.guest import GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
@@ -76,6 +76,7 @@ class SourceOptions:
     resume_dir: str | None = None  # take over a session from this snapshot (a restarted source)
     local_finish_timeout_s: float = 600.0
     event: str | None = None  # test hook: a region event the guest performs (regionevents.py)
+    fast_path: bool = True  # post-copy loop in C (fastpath.py) when libzmq can be reached
 
 
 class Progress:
@@ -144,6 +145,10 @@ class SourceMigration:
         self.throttled = False  # the guest runs at SCHED_IDLE (pre-copy with opts.throttle)
         self.ops_at_start = 0  # guest operations done when the migration started
         self.region_events: regionevents.SourceEventWatcher | None = None
+        self.fast_path = False  # post-copy ran in the C loop (fastpath.py)
+        self.fast_wakeups = 0
+        self.fast_realtime = False  # ... at SCHED_FIFO (fastpath.realtime)
+        self.push_batch_us: float | None = None  # mean time reading and sending one batch
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -298,8 +303,8 @@ class SourceMigration:
             self.page, self.npages, self.base = snap.page_size, snap.npages, 0
             self.session = bytes.fromhex(st["session"])
             self.ctx = transport.make_context(o.cpu)
-            self.urgent = transport.connect(self.ctx, st["urgent"], o.keys)
-            self.bulk = transport.connect(self.ctx, st["bulk"], o.keys)
+            self.urgent = transport.connect(self.ctx, st["urgent"], o.keys, channel="urgent")
+            self.bulk = transport.connect(self.ctx, st["bulk"], o.keys, channel="bulk")
             self.sockets += [self.urgent, self.bulk]
             self.conn = protocol.Connection.resumed(
                 protocol.Side.SOURCE, protocol.Limits(npages=self.npages, page_size=self.page))
@@ -386,8 +391,9 @@ class SourceMigration:
         if isinstance(reply, protocol.Refuse):
             raise MigrationError("handshake", f"the destination refused: {reply.reason}")
         assert isinstance(reply, protocol.Welcome)
-        self.urgent = transport.connect(self.ctx, reply.urgent_endpoint, o.keys)
-        self.bulk = transport.connect(self.ctx, reply.bulk_endpoint, o.keys)
+        self.urgent = transport.connect(self.ctx, reply.urgent_endpoint, o.keys,
+                                        channel="urgent")
+        self.bulk = transport.connect(self.ctx, reply.bulk_endpoint, o.keys, channel="bulk")
         self.endpoints = (reply.urgent_endpoint, reply.bulk_endpoint)
         self.sockets += [self.urgent, self.bulk]
 
@@ -396,16 +402,8 @@ class SourceMigration:
         on CPU time the daemon leaves (it dirties fewer pages and never delays a send); off
         again (SCHED_OTHER) at the pause or when the guest is resumed here."""
         assert self.guest is not None
-        policy = os.SCHED_IDLE if on else os.SCHED_OTHER
-        try:
-            tids = os.listdir(f"/proc/{self.guest.pid}/task")
-        except FileNotFoundError:
+        if not self.guest.set_idle(on):
             return  # the guest is gone; whoever waits on it reports that
-        for tid in tids:
-            try:
-                os.sched_setscheduler(int(tid), policy, os.sched_param(0))
-            except ProcessLookupError:
-                pass
         self.throttled = on
 
     def _precopy(self) -> None:
@@ -620,6 +618,13 @@ class SourceMigration:
 
     def _postcopy(self) -> None:
         """Serve faults first; push the rest between them; until the destination has it all."""
+        if self.snapshot is None and self.opts.fast_path:
+            usable, why = fastpath.available()
+            if usable:
+                self._postcopy_fast()
+                return
+            print(f"[source] post-copy fast path unavailable ({why}); the Python loop serves "
+                  f"requests", file=sys.stderr, flush=True)
         poller = zmq.Poller()
         poller.register(self.urgent, zmq.POLLIN)
         poller.register(self.bulk, zmq.POLLIN)
@@ -649,13 +654,7 @@ class SourceMigration:
                         cursor = self._serve_request(msg, arrival)
                     elif msg.TYPE == MsgType.COMPLETE:
                         assert isinstance(msg, protocol.Complete)
-                        self.complete = msg
-                        now_ns = time.monotonic_ns()
-                        self.total_ns = now_ns - self.migration_clock.start_ns
-                        t0, b0 = self.resumed_at
-                        if now_ns > t0:
-                            self.postcopy_gbps = round((self.bytes_sent - b0) / (now_ns - t0),
-                                                       3)
+                        self._completed(msg)
                         return
                     elif msg.TYPE == MsgType.PING:
                         pass
@@ -688,6 +687,102 @@ class SourceMigration:
                 self.progress.update("postcopy", f"{n - valid.count(0):,}/{n:,} pages at the "
                                      f"destination, {self.requests:,} faults served, "
                                      f"{rate:,.0f} pages/s")
+
+    def _completed(self, msg: protocol.Complete) -> None:
+        self.complete = msg
+        now_ns = time.monotonic_ns()
+        self.total_ns = now_ns - self.migration_clock.start_ns
+        t0, b0 = self.resumed_at
+        if now_ns > t0:
+            self.postcopy_gbps = round((self.bytes_sent - b0) / (now_ns - t0), 3)
+
+    def _postcopy_fast(self) -> None:
+        """The post-copy loop in C (fastpath.py): requests answered and pages pushed without
+        the GIL; Python takes what it hands back (other messages), keeps the peer alive, writes
+        progress."""
+        assert self.guest is not None
+        n = self.npages
+        fast = fastpath.SourceFastPath(
+            urgent=self.urgent, bulk=self.bulk, pid=self.guest.pid, base=self.base,
+            page_size=self.page, npages=n, valid=self.valid, seq=self.seq, acked=self.acked,
+            unacked=list(self.unacked), push=self.opts.push, push_batch=PUSH_BATCH_PAGES,
+            window=WINDOW, max_around=64)
+        st = fast.st
+        self.fast_path = True
+        seen = {"demand_pages": 0, "pushed_pages": 0, "zero_pages": 0, "requests": 0,
+                "bytes_sent": 0}
+
+        def collect() -> None:
+            # The C counters since the last look go into ours (Python's own sends add to ours
+            # directly), and our sequence number follows the C loop's.
+            deltas = {k: int(getattr(st, k)) - v for k, v in seen.items()}
+            for k in seen:
+                seen[k] += deltas[k]
+            self.counts["demand"] += deltas["demand_pages"]
+            self.counts["pushed"] += deltas["pushed_pages"]
+            self.counts["zero"] += deltas["zero_pages"]
+            self.requests += deltas["requests"]
+            self.bytes_sent += deltas["bytes_sent"]
+            self.seq = int(st.seq)
+            fast.service_lat.take(self.service)
+            if st.last_sent_ns:
+                self.last_sent = max(self.last_sent, st.last_sent_ns / 1e9)
+
+        last_heard = time.monotonic()
+        priority = fastpath.realtime().__enter__()
+        self.fast_realtime = priority.applied
+        try:
+            while True:
+                flags = fast.run(100)
+                collect()
+                if st.last_heard_ns:
+                    last_heard = max(last_heard, st.last_heard_ns / 1e9)
+                if flags & fastpath.PUSHED_ALL:
+                    self._send(self.bulk, protocol.PushDone(self.seq, n))
+                    st.push_done_sent = 1
+                if flags & fastpath.BULK:
+                    frames, _ = fast.take_bulk()
+                    last_heard = time.monotonic()
+                    msg = self.conn.receive(frames)
+                    if not isinstance(msg, protocol.Ack):
+                        raise ProtocolError(f"unexpected {msg.TYPE.name} on the bulk channel")
+                    fast.ack(msg.seq)  # an ACK in an encoding the C loop leaves to us
+                if flags & fastpath.URGENT:
+                    frames, _ = fast.take_urgent()
+                    arrival = time.monotonic_ns()
+                    last_heard = time.monotonic()
+                    msg = self.conn.receive(frames)
+                    if isinstance(msg, protocol.Request):
+                        self._serve_request(msg, arrival)
+                        st.seq = self.seq
+                        st.valid_count = n - self.valid.count(0)
+                    elif isinstance(msg, protocol.Complete):
+                        self._completed(msg)
+                        return
+                    elif isinstance(msg, protocol.Error):
+                        raise MigrationError(msg.phase, f"the destination reported: {msg.message}")
+                    elif msg.TYPE != MsgType.PING:
+                        raise ProtocolError(f"unexpected {msg.TYPE.name} during post-copy")
+                now = time.monotonic()
+                if now - last_heard > self.opts.peer_timeout_s:
+                    raise MigrationError("postcopy", f"no word from the destination for "
+                                                     f"{self.opts.peer_timeout_s:.0f} s")
+                if now - self.last_sent >= 1.0:
+                    self._send(self.urgent, protocol.Ping(time.monotonic_ns()))
+                self._announce_snapshot()
+                if self.progress.due():
+                    rate = self._rate(self.counts["pushed"] + self.counts["demand"])
+                    self.progress.update("postcopy", f"{int(st.valid_count):,}/{n:,} pages at "
+                                         f"the destination, {self.requests:,} faults served, "
+                                         f"{rate:,.0f} pages/s")
+        finally:
+            priority.__exit__(None, None, None)
+            collect()
+            self.unacked = collections.deque(fast.unacked())
+            self.acked = int(st.acked)
+            self.fast_wakeups = int(st.wakeups)
+            if st.push_batches:
+                self.push_batch_us = round(st.push_ns / st.push_batches / 1000, 1)
 
     def _serve_request(self, msg: protocol.Request, arrival_ns: int) -> int:
         """The faulting page goes alone first, so the destination can wake the guest as soon
@@ -809,9 +904,19 @@ class SourceMigration:
             },
             "faults": d.get("faults", 0),
             "local_faults": d.get("local_faults", 0),
+            "fast_path": {"source": self.fast_path, "dest": d.get("fast_path", False),
+                          "source_wakeups": self.fast_wakeups,
+                          "dest_wakeups": d.get("fast_wakeups", 0),
+                          "source_realtime": self.fast_realtime,
+                          "source_push_batch_us": self.push_batch_us,
+                          "dest_push_slice_us": d.get("push_slice_us"),
+                          "dest_realtime": d.get("fast_realtime", False),
+                          "urgent_io": {"source": getattr(self.ctx, "urgent_io_priority", None),
+                                        "dest": d.get("urgent_io")}},
             "fault_latency_us": {k: lat.get(k) for k in ("p50", "p90", "p99", "max", "histogram")},
             "fault_stages_us": dict(d.get("fault_stages_us", {}),
-                                    source_service_p50=self.service.percentile_us(50)),
+                                    source_service_p50=self.service.percentile_us(50),
+                                    source_service_p99=self.service.percentile_us(99)),
             "guest_ops_at_switchover": self.paused_ops,
             "guest_ops": d.get("guest_ops"),
             "source_digest": source_digest,
@@ -922,6 +1027,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="during pre-copy run the guest at SCHED_IDLE (only on CPU time the "
                              "daemon leaves), like QEMU's auto-converge: fewer dirty pages and a "
                              "faster round, at the cost of the guest's speed meanwhile")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="serve post-copy requests from the Python loop instead of the C "
+                             "one (for comparison and diagnosis)")
     parser.add_argument("--no-push", action="store_true",
                         help="post-copy by demand faults only, no background push")
     parser.add_argument("--event", default=None, metavar="KIND@UNITS[:FIRST:COUNT][,hold|,dest]",
@@ -960,7 +1068,8 @@ def run(args: argparse.Namespace) -> int:
                          memory=workloads.parse_size(args.memory), seed=args.seed, ops=args.ops,
                          mode=args.mode, after_s=args.after, backing=args.backing,
                          max_rounds=args.rounds, cpu=args.cpu, progress=not args.quiet,
-                         push=not args.no_push, keys=curve, snapshot_dir=args.snapshot,
+                         push=not args.no_push, fast_path=not args.no_fast_path, keys=curve,
+                         snapshot_dir=args.snapshot,
                          peer_timeout_s=args.peer_timeout, throttle=args.throttle,
                          resume_dir=args.resume, event=args.event)
     report = SourceMigration(opts).run()

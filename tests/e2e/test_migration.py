@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from migrate import dest, source
+from migrate import dest, fastpath, source
 from migrate.check import capabilities
 from migrate.demo import run_demo
 from migrate.workloads import WORKLOADS
@@ -51,6 +51,10 @@ def check_report(r: dict[str, Any], mode: str, memory: int) -> None:
     if r["faults"]:
         assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
         assert sum(lat["histogram"].values()) == r["faults"]
+    if mode != "precopy" and fastpath.available()[0] and not os.environ.get(
+            "MIGRATE_NO_FASTPATH"):
+        # Post-copy ran in the C loops on both sides (fastpath.py).
+        assert r["fast_path"]["source"] and r["fast_path"]["dest"], r["fast_path"]
 
 
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
@@ -60,6 +64,18 @@ def test_each_mode_and_workload_migrates_byte_identical(mode: str, workload: str
     r = run_demo(workload, memory, mode, after=0.3, ops=0, quiet=True, timeout=300)
     check_report(r, mode, memory)
     assert r["daemon_exit"] == {"source": 0, "dest": 0}
+
+
+@pytest.mark.parametrize("mode", ["postcopy", "hybrid"])
+def test_python_loop_migrates_too(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python post-copy loop (used where the C one cannot reach libzmq, after region events,
+    and by a source resumed from a snapshot) still moves every page, without a reserve too."""
+    monkeypatch.setenv("MIGRATE_NO_FASTPATH", "1")
+    memory = 32 * MIB
+    r = run_demo("kv", memory, mode, after=0.3, quiet=True, timeout=300, reserve=False)
+    check_report(r, mode, memory)
+    assert r["fast_path"]["source"] is False and r["fast_path"]["dest"] is False
+    assert r["dest_reserve"] is None
 
 
 def test_memfd_backed_guest_migrates() -> None:
