@@ -21,8 +21,8 @@ session's only thread.
 
 from __future__ import annotations
 
-import errno
 import os
+from array import array
 from typing import Any
 
 import zmq
@@ -312,16 +312,14 @@ class DestFastPath:
 
 
 class SourceFastPath:
-    """The source's post-copy loop: requests answered from the paused guest, the rest pushed."""
+    """The source's C side: batches read from the paused or running guest straight into ZeroMQ
+    messages (``send_batch``, pre-copy too), and the post-copy loop (``run``): requests answered
+    first, the rest pushed, acknowledgements counted."""
 
     def __init__(self, *, urgent: zmq.Socket, bulk: zmq.Socket, pid: int, base: int,
-                 page_size: int, npages: int, valid: bytearray, seq: int, acked: int,
-                 unacked: Any, push: bool, push_batch: int, window: int,
-                 max_around: int) -> None:
-        if not 0 < push_batch <= GATHER_PAGES or not 0 < window <= 64:
-            raise ValueError("push batch must be 1..512 pages and the window 1..64 messages")
-        if len(unacked) > window:
-            raise ValueError("more unacknowledged messages than the window")
+                 page_size: int, npages: int, valid: bytearray) -> None:
+        if page_size != PAGE_SIZE:
+            raise ValueError(f"the fast path serves {PAGE_SIZE}-byte pages, not {page_size}")
         st = self.st = ffi.new("struct mig_src_x *")
         self._keep: list[Any] = []
         st.urgent = ffi.cast("void *", urgent.underlying)
@@ -329,31 +327,64 @@ class SourceFastPath:
         st.pid, st.base, st.page_size, st.npages = pid, base, page_size, npages
         self._valid = ffi.from_buffer("uint8_t[]", valid, require_writable=True)
         st.valid = self._valid
-        st.valid_count = npages - valid.count(0)
+        self.valid = valid
+        batch = lib.MIG_X_BATCH_MAX
+        for name, ctype in (("addrs", "uint64_t[]"), ("idx", "uint32_t[]"), ("zero", "uint8_t[]")):
+            ptr = ffi.new(ctype, batch)
+            self._keep.append(ptr)
+            setattr(st, name, ptr)
+        self._zeros = ffi.new("uint32_t *")
+        self.service_lat = _Samples(st.service_lat)
+
+    def send_batch(self, seq: int, *, bulk: bool, kind: int, indexes: Any, request: int = 0,
+                   round: int = 0) -> tuple[int, int]:
+        """Read ``indexes`` (a range, or sorted page indexes) of the guest and send them as the
+        PAGES message number ``seq + 1``. Returns (bytes sent, 0 if the message was dropped;
+        zero pages among them); the pages are marked valid."""
+        st = self.st
+        n = len(indexes)
+        if not 0 < n <= lib.MIG_X_BATCH_MAX:
+            raise ValueError(f"a batch has 1..{lib.MIG_X_BATCH_MAX} pages, not {n}")
+        contiguous = isinstance(indexes, range) and indexes.step == 1
+        if contiguous:
+            for k in range(n):
+                st.idx[k] = indexes.start + k
+        else:
+            packed = array("I", indexes)
+            ffi.memmove(st.idx, packed, 4 * n)
+        st.seq = seq
+        ret = lib.mig_src_x_send_batch(st, int(bulk), kind, request, round, n, int(contiguous),
+                                       self._zeros)
+        if ret < 0:
+            raise self._error(-ret, "sending pages")
+        return int(ret), int(self._zeros[0])
+
+    def _error(self, err: int, what: str) -> OSError:
+        st = self.st
+        if st.read_error:
+            st.read_error = 0
+            return oserror(err, f"process_vm_readv of the guest's page {st.read_index}")
+        return oserror(err, what)
+
+    def begin_postcopy(self, *, seq: int, acked: int, unacked: Any, push: bool,
+                       push_batch: int, window: int, max_around: int) -> None:
+        if not 0 < push_batch <= lib.MIG_X_BATCH_MAX or not 0 < window <= 64:
+            raise ValueError("push batch must be 1..512 pages and the window 1..64 messages")
+        if len(unacked) > window:
+            raise ValueError("more unacknowledged messages than the window")
+        st = self.st
+        st.valid_count = st.npages - self.valid.count(0)
         st.seq, st.acked = seq, acked
         for i, s in enumerate(unacked):
             st.unacked[i] = s
         st.unacked_head, st.unacked_n = 0, len(unacked)
         st.push, st.push_batch, st.window, st.max_around = int(push), push_batch, window, \
             max_around
-        if page_size != PAGE_SIZE:
-            raise ValueError(f"the fast path serves {PAGE_SIZE}-byte pages, not {page_size}")
-        for name, ctype, n in (("addrs", "uint64_t[]", push_batch),
-                               ("idx", "uint32_t[]", push_batch),
-                               ("zero", "uint8_t[]", push_batch)):
-            ptr = ffi.new(ctype, n)
-            self._keep.append(ptr)
-            setattr(st, name, ptr)
-        self.service_lat = _Samples(st.service_lat)
 
     def run(self, timeout_ms: int) -> int:
         ret = lib.mig_src_x_run(self.st, timeout_ms)
         if ret < 0:
-            if self.st.read_error:
-                err = -self.st.read_error
-                raise oserror(err if err != errno.EIO else errno.EIO,
-                              f"process_vm_readv of the guest's page {self.st.read_index}")
-            raise oserror(-ret, "post-copy fast path")
+            raise self._error(-ret, "post-copy fast path")
         return ret
 
     def take_urgent(self) -> tuple[list[bytes], bool]:

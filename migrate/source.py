@@ -145,6 +145,8 @@ class SourceMigration:
         self.throttled = False  # the guest runs at SCHED_IDLE (pre-copy with opts.throttle)
         self.ops_at_start = 0  # guest operations done when the migration started
         self.region_events: regionevents.SourceEventWatcher | None = None
+        self.fast: fastpath.SourceFastPath | None = None  # the C side, when it can be used
+        self.fast_off: str | None = None  # why not
         self.fast_path = False  # post-copy ran in the C loop (fastpath.py)
         self.fast_wakeups = 0
         self.fast_realtime = False  # ... at SCHED_FIFO (fastpath.realtime)
@@ -219,6 +221,17 @@ class SourceMigration:
 
     def _send_pages(self, sock: zmq.Socket, kind: Batch, indexes: list[int] | range, *,
                     request: int = 0, round: int = 0, known_zero: bool = False) -> None:
+        if self.fast is not None and not known_zero:
+            # Read straight into the ZeroMQ message, in C (no page copy, no allocation here).
+            sent, zeros = self.fast.send_batch(self.seq, bulk=sock is self.bulk, kind=int(kind),
+                                               indexes=indexes, request=request, round=round)
+            self.seq += 1
+            if sock is self.bulk and sent:
+                self.unacked.append(self.seq)
+            self.last_sent = time.monotonic()
+            self.bytes_sent += sent
+            self.counts["zero"] += zeros
+            return
         zero: bytes | bytearray
         data: bytes | bytearray
         if known_zero:
@@ -396,6 +409,23 @@ class SourceMigration:
         self.bulk = transport.connect(self.ctx, reply.bulk_endpoint, o.keys, channel="bulk")
         self.endpoints = (reply.urgent_endpoint, reply.bulk_endpoint)
         self.sockets += [self.urgent, self.bulk]
+        self._start_fast()
+
+    def _start_fast(self) -> None:
+        """The C side (fastpath.py) for reading and sending pages, when it can reach libzmq."""
+        assert self.guest is not None
+        if not self.opts.fast_path:
+            self.fast_off = "disabled (--no-fast-path)"
+            return
+        usable, why = fastpath.available()
+        if not usable or self.page != fastpath.PAGE_SIZE:
+            self.fast_off = why or f"{self.page}-byte pages"
+            print(f"[source] fast path unavailable ({self.fast_off}); pages are read and sent "
+                  f"from Python", file=sys.stderr, flush=True)
+            return
+        self.fast = fastpath.SourceFastPath(
+            urgent=self.urgent, bulk=self.bulk, pid=self.guest.pid, base=self.base,
+            page_size=self.page, npages=self.npages, valid=self.valid)
 
     def _throttle_guest(self, on: bool) -> None:
         """Throttling during pre-copy: every thread of the guest at SCHED_IDLE, so it runs only
@@ -618,13 +648,9 @@ class SourceMigration:
 
     def _postcopy(self) -> None:
         """Serve faults first; push the rest between them; until the destination has it all."""
-        if self.snapshot is None and self.opts.fast_path:
-            usable, why = fastpath.available()
-            if usable:
-                self._postcopy_fast()
-                return
-            print(f"[source] post-copy fast path unavailable ({why}); the Python loop serves "
-                  f"requests", file=sys.stderr, flush=True)
+        if self.fast is not None:
+            self._postcopy_fast(self.fast)
+            return
         poller = zmq.Poller()
         poller.register(self.urgent, zmq.POLLIN)
         poller.register(self.bulk, zmq.POLLIN)
@@ -696,17 +722,14 @@ class SourceMigration:
         if now_ns > t0:
             self.postcopy_gbps = round((self.bytes_sent - b0) / (now_ns - t0), 3)
 
-    def _postcopy_fast(self) -> None:
+    def _postcopy_fast(self, fast: fastpath.SourceFastPath) -> None:
         """The post-copy loop in C (fastpath.py): requests answered and pages pushed without
         the GIL; Python takes what it hands back (other messages), keeps the peer alive, writes
         progress."""
-        assert self.guest is not None
         n = self.npages
-        fast = fastpath.SourceFastPath(
-            urgent=self.urgent, bulk=self.bulk, pid=self.guest.pid, base=self.base,
-            page_size=self.page, npages=n, valid=self.valid, seq=self.seq, acked=self.acked,
-            unacked=list(self.unacked), push=self.opts.push, push_batch=PUSH_BATCH_PAGES,
-            window=WINDOW, max_around=64)
+        fast.begin_postcopy(seq=self.seq, acked=self.acked, unacked=list(self.unacked),
+                            push=self.opts.push, push_batch=PUSH_BATCH_PAGES, window=WINDOW,
+                            max_around=64)
         st = fast.st
         self.fast_path = True
         seen = {"demand_pages": 0, "pushed_pages": 0, "zero_pages": 0, "requests": 0,

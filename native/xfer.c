@@ -32,6 +32,7 @@
 #define MIG_X_MAX_FRAMES 4
 #define MIG_X_MAX_EVENTS 64
 #define MIG_X_DEMAND_MAX 65 /* the faulting page and at most 64 neighbours */
+#define MIG_X_BATCH_MAX 512 /* pages in one batch the source reads and sends */
 
 /* Wire constants of migrate/protocol.py. */
 #define MSG_PAGES 4
@@ -999,6 +1000,8 @@ struct mig_src_x {
 	char dbuf[MIG_X_DEMAND_MAX * 4096];
 };
 
+static int mig_src_x_requests(struct mig_src_x *st);
+
 /* Read n pages (idx[0..n), contiguous when contiguous) of the guest into buf. 0 or -errno
  * (-EIO for a short read), recorded for the report. */
 static int mig_src_x_read(struct mig_src_x *st, const uint32_t *idx, uint32_t n, int contiguous,
@@ -1043,13 +1046,15 @@ static uint64_t mig_src_x_compact(struct mig_src_x *st, char *buf, uint32_t n, u
 }
 
 /* The header of a batch already read (and compacted), then its data: from buf with a copy, or
- * as the zmq message msg itself (no copy) when msg is given. Marks the pages valid. */
-static int mig_src_x_finish(struct mig_src_x *st, void *sock, uint64_t kind, uint64_t request,
-                            const uint32_t *idx, const uint8_t *zero, uint32_t n, uint32_t zeros,
-                            const char *buf, uint64_t dlen, mig_zmq_msg_t *msg)
+ * as the zmq message msg itself (no copy) when msg is given. Marks the pages valid. Returns
+ * the header's length (0 when the message was dropped: no peer, queue full) or -errno. */
+static int64_t mig_src_x_finish(struct mig_src_x *st, void *sock, uint64_t kind,
+                                uint64_t request, uint64_t round, const uint32_t *idx,
+                                const uint8_t *zero, uint32_t n, const char *buf, uint64_t dlen,
+                                mig_zmq_msg_t *msg)
 {
-	uint8_t head[64 + 5 * 512];
-	int64_t hlen = mig_x_pack_pages(head, ++st->seq, kind, request, 0, idx, zero, n);
+	uint8_t head[64 + 5 * MIG_X_BATCH_MAX];
+	int64_t hlen = mig_x_pack_pages(head, ++st->seq, kind, request, round, idx, zero, n);
 	int sent;
 	if (!msg) {
 		sent = mig_x_send(sock, head, (size_t)hlen, buf, dlen, 1);
@@ -1070,17 +1075,74 @@ static int mig_src_x_finish(struct mig_src_x *st, void *sock, uint64_t kind, uin
 	if (sent < 0)
 		return sent;
 	st->last_sent_ns = mig_x_now();
-	if (sent && sock == st->bulk && st->unacked_n < 64)
-		st->unacked[(st->unacked_head + st->unacked_n++) % 64] = st->seq;
-	st->bytes_sent += dlen + (uint64_t)hlen;
-	st->zero_pages += zeros;
 	for (uint32_t k = 0; k < n; k++) {
 		if (!st->valid[idx[k]]) {
 			st->valid[idx[k]] = 1;
 			st->valid_count++;
 		}
 	}
-	return 0;
+	return sent ? hlen : 0;
+}
+
+/* Account for a batch the loop sent: bytes, zero pages, the window. */
+static void mig_src_x_sent(struct mig_src_x *st, void *sock, int64_t hlen, uint64_t dlen,
+                           uint32_t zeros)
+{
+	if (hlen <= 0)
+		return;
+	if (sock == st->bulk && st->unacked_n < 64)
+		st->unacked[(st->unacked_head + st->unacked_n++) % 64] = st->seq;
+	st->bytes_sent += dlen + (uint64_t)hlen;
+	st->zero_pages += zeros;
+}
+
+/* Read the pages idx[0..n) straight into a zmq message and send it as one PAGES (zero pages cut
+ * out as flags, which costs a copy). Returns the header's length (0 if dropped) or -errno;
+ * *dlen_out and *zeros_out say what went. With serve_between, requests that arrived while the
+ * pages were read are answered before they are sent. */
+static int64_t mig_src_x_send_read(struct mig_src_x *st, void *sock, uint64_t kind,
+                                   uint64_t request, uint64_t round, uint32_t n, int contiguous,
+                                   int serve_between, uint64_t *dlen_out, uint32_t *zeros_out)
+{
+	uint64_t want = (uint64_t)n * st->page_size;
+	mig_zmq_msg_t msg;
+	if (n == 0 || n > MIG_X_BATCH_MAX)
+		return -EINVAL;
+	if (Z.msg_init_size(&msg, want) < 0)
+		return -Z.err();
+	char *data = Z.msg_data(&msg);
+	int ret = mig_src_x_read(st, st->idx, n, contiguous, data, st->addrs);
+	if (ret == 0 && serve_between)
+		ret = mig_src_x_requests(st); /* the guest waits on a request, not on the push */
+	if (ret < 0) {
+		Z.msg_close(&msg);
+		return ret;
+	}
+	uint32_t zeros;
+	uint64_t dlen = mig_src_x_compact(st, data, n, st->zero, &zeros);
+	int64_t hlen;
+	if (zeros) {
+		hlen = mig_src_x_finish(st, sock, kind, request, round, st->idx, st->zero, n, data,
+		                        dlen, NULL);
+		Z.msg_close(&msg);
+	} else {
+		hlen = mig_src_x_finish(st, sock, kind, request, round, st->idx, st->zero, n, NULL,
+		                        dlen, &msg);
+	}
+	*dlen_out = dlen;
+	*zeros_out = zeros;
+	return hlen;
+}
+
+int64_t mig_src_x_send_batch(struct mig_src_x *st, int on_bulk, uint64_t kind, uint64_t request,
+                             uint64_t round, uint32_t n, int contiguous, uint32_t *zeros)
+{
+	uint64_t dlen = 0;
+	if (!Z.loaded)
+		return -ENOSYS;
+	int64_t hlen = mig_src_x_send_read(st, on_bulk ? st->bulk : st->urgent, kind, request, round,
+	                                   n, contiguous, 0, &dlen, zeros);
+	return hlen <= 0 ? hlen : hlen + (int64_t)dlen;
 }
 
 /* A reply of n (<= MIG_X_DEMAND_MAX) contiguous pages from idx0, built in the demand buffers. */
@@ -1093,8 +1155,12 @@ static int mig_src_x_reply(struct mig_src_x *st, uint64_t request, uint64_t idx0
 	if (ret < 0)
 		return ret;
 	uint64_t dlen = mig_src_x_compact(st, st->dbuf, n, st->dzero, &zeros);
-	return mig_src_x_finish(st, st->urgent, BATCH_DEMAND, request, st->didx, st->dzero, n, zeros,
-	                        st->dbuf, dlen, NULL);
+	int64_t hlen = mig_src_x_finish(st, st->urgent, BATCH_DEMAND, request, 0, st->didx, st->dzero,
+	                                n, st->dbuf, dlen, NULL);
+	if (hlen < 0)
+		return (int)hlen;
+	mig_src_x_sent(st, st->urgent, hlen, dlen, zeros);
+	return 0;
 }
 
 /* The faulting page goes alone first, so the destination can wake the guest as soon as 4 KiB
@@ -1167,33 +1233,12 @@ static int mig_src_x_push(struct mig_src_x *st)
 		i = (uint64_t)(hit - st->valid);
 	}
 	int contiguous = st->idx[count - 1] - st->idx[0] == count - 1;
-	uint64_t t0 = mig_x_now(), want = (uint64_t)count * st->page_size;
-	/* Read straight into the message libzmq will send: no copy unless zero pages are cut out. */
-	mig_zmq_msg_t msg;
-	if (Z.msg_init_size(&msg, want) < 0)
-		return -Z.err();
-	char *data = Z.msg_data(&msg);
-	int ret = mig_src_x_read(st, st->idx, count, contiguous, data, st->addrs);
-	if (ret < 0) {
-		Z.msg_close(&msg);
-		return ret;
-	}
-	/* A request that came while reading goes first: the guest waits on it, the push does not. */
-	ret = mig_src_x_requests(st);
-	if (ret < 0) {
-		Z.msg_close(&msg);
-		return ret;
-	}
-	uint32_t zeros;
-	uint64_t dlen = mig_src_x_compact(st, data, count, st->zero, &zeros);
-	if (zeros) {
-		ret = mig_src_x_finish(st, st->bulk, BATCH_PUSH, 0, st->idx, st->zero, count, zeros,
-		                       data, dlen, NULL);
-		Z.msg_close(&msg);
-	} else {
-		ret = mig_src_x_finish(st, st->bulk, BATCH_PUSH, 0, st->idx, st->zero, count, 0, NULL,
-		                       dlen, &msg);
-	}
+	uint64_t t0 = mig_x_now(), dlen = 0;
+	uint32_t zeros = 0;
+	int64_t hlen = mig_src_x_send_read(st, st->bulk, BATCH_PUSH, 0, 0, count, contiguous, 1, &dlen,
+	                                   &zeros);
+	int ret = hlen < 0 ? (int)hlen : 0;
+	mig_src_x_sent(st, st->bulk, hlen, dlen, zeros);
 	st->push_ns += mig_x_now() - t0;
 	st->push_batches++;
 	if (ret < 0)

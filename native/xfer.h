@@ -12,6 +12,7 @@
 #define MIG_X_OUTSIDE ...
 #define MIG_X_MAX_FRAMES ...
 #define MIG_X_MAX_EVENTS ...
+#define MIG_X_BATCH_MAX ...
 
 /* Resolve the libzmq API in the shared object at path (the one pyzmq mapped). 0 or -errno;
  * on failure mig_zmq_error() says which step failed. */
@@ -157,6 +158,11 @@ struct mig_src_x {
 };
 
 int mig_src_x_run(struct mig_src_x *st, int timeout_ms);
+/* One batch (st->idx[0..n), n <= MIG_X_BATCH_MAX) read from the guest and sent as PAGES on the
+ * bulk (on_bulk) or urgent channel, zero-copy; pages marked valid, nothing else counted. Returns
+ * bytes sent (0: dropped) or -errno; *zeros: the zero pages among them. */
+int64_t mig_src_x_send_batch(struct mig_src_x *st, int on_bulk, uint64_t kind, uint64_t request,
+                             uint64_t round, uint32_t n, int contiguous, uint32_t *zeros);
 
 /* Protocol pieces, exposed for tests (the protocol is checked against these without sockets). */
 struct mig_x_pages {
