@@ -710,8 +710,9 @@ static int mig_dest_x_faults(struct mig_dest_x *st)
 		if (st->stage_ready && st->stage_state[index]) {
 			int ret = mig_dest_x_staged(st, index);
 			if (ret) {
-				/* the rest of this batch is read again by Python (in order) */
-				for (int k = i + 1; k < n; k++)
+				/* Python takes this fault (the staged install did not resolve it) and the
+				 * rest of the batch, in order, after the events it will read */
+				for (int k = i; k < n; k++)
 					mig_uffd_decode(&msgs[k], &st->events[st->nevents++]);
 				return ret;
 			}
@@ -1311,6 +1312,67 @@ int mig_src_x_run(struct mig_src_x *st, int timeout_ms)
 		if (mig_x_now() >= deadline)
 			return MIG_X_TICK;
 	}
+}
+
+/* ---- the benchmark's floor: the same round trip, in C on both ends --------------------------- */
+
+/* Answer every message on sock with reply_len bytes until a one-byte "q". Returns requests
+ * answered or -errno. */
+int64_t mig_x_echo(void *sock, uint64_t reply_len)
+{
+	static char reply[1 << 16];
+	struct mig_x_handoff h = {0};
+	int64_t count = 0;
+	if (!Z.loaded || reply_len > sizeof reply)
+		return -EINVAL;
+	for (;;) {
+		mig_zmq_pollitem_t item = {.socket = sock, .events = ZMQ_POLLIN_};
+		if (Z.poll(&item, 1, -1) < 0) {
+			if (Z.err() == EINTR)
+				continue;
+			return -Z.err();
+		}
+		int got = mig_x_recv(sock, &h);
+		if (got < 0)
+			return got;
+		if (got == 0)
+			continue;
+		int quit = h.nframes == 1 && h.size[0] == 1 && h.data[0][0] == 'q';
+		mig_x_release(&h);
+		if (quit)
+			return count;
+		if (Z.send(sock, reply, reply_len, 0) < 0)
+			return -Z.err();
+		count++;
+	}
+}
+
+/* n round trips: a 16-byte request, a reply awaited (blocking, as a fault's loop waits);
+ * ns[i] is each one's duration. 0 or -errno. */
+int mig_x_rtt(void *sock, uint32_t n, uint64_t *ns)
+{
+	char req[16] = {0};
+	struct mig_x_handoff h = {0};
+	if (!Z.loaded)
+		return -ENOSYS;
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t t0 = mig_x_now();
+		if (Z.send(sock, req, sizeof req, 0) < 0)
+			return -Z.err();
+		for (;;) {
+			mig_zmq_pollitem_t item = {.socket = sock, .events = ZMQ_POLLIN_};
+			if (Z.poll(&item, 1, -1) < 0 && Z.err() != EINTR)
+				return -Z.err();
+			int got = mig_x_recv(sock, &h);
+			if (got < 0)
+				return got;
+			if (got > 0)
+				break;
+		}
+		mig_x_release(&h);
+		ns[i] = mig_x_now() - t0;
+	}
+	return 0;
 }
 
 #endif /* MIG_XFER_C */

@@ -185,3 +185,7 @@ int64_t mig_x_pack_pages(uint8_t *out, uint64_t seq, uint64_t kind, uint64_t req
                          uint64_t round, const uint32_t *indexes, const uint8_t *zero, uint32_t n);
 int64_t mig_x_pack_request(uint8_t *out, uint64_t request, uint64_t index, uint64_t around);
 int64_t mig_x_pack_ack(uint8_t *out, uint64_t seq);
+
+/* The benchmark's floor (migrate bench migrate): an echo server and n timed round trips, in C. */
+int64_t mig_x_echo(void *sock, uint64_t reply_len);
+int mig_x_rtt(void *sock, uint32_t n, uint64_t *ns);
