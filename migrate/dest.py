@@ -108,6 +108,7 @@ class SessionReport:
     swept: int = 0  # missing pages asked for by the sweep
     local_faults: int = 0  # faults resolved from staged pages, without asking the source
     fast_path: bool = False  # post-copy ran (at least partly) in the C loop (fastpath.py)
+    fast_off: str | None = None  # why it did not, or stopped
     fast_wakeups: int = 0  # times that loop slept and was woken
     fast_realtime: bool = False  # that loop ran at SCHED_FIFO (fastpath.realtime)
     urgent_io: str = ""  # the urgent channel's I/O thread priority (transport.make_context)
@@ -124,6 +125,7 @@ class SessionReport:
             "ok": self.ok, "phase": self.phase, "error": self.error, "mode": self.mode,
             "workload": self.workload, "pages": dict(self.pages), "faults": self.faults,
             "local_faults": self.local_faults, "fast_path": self.fast_path,
+            "fast_off": self.fast_off,
             "fast_wakeups": self.fast_wakeups, "fast_realtime": self.fast_realtime,
             "urgent_io": self.urgent_io, "push_slice_us": self.push_slice_us,
             "fault_latency_us": self.fault_latency.report(), "resume_ns": self.resume_ns,
@@ -165,6 +167,7 @@ class DestSession:
         # (a region event), it does not start again for this session.
         self.fast: fastpath.DestFastPath | None = None
         self.fast_off: str | None = None if self.opts.fast_path else "disabled (--no-fast-path)"
+        self.report.fast_off = self.fast_off
         self.hashes = array("Q")
         self.staging: Staging | None = None  # pre-copied pages not yet in the guest
         # page index -> (request id, first sent ns, last sent ns, asked because of a fault)
@@ -609,7 +612,7 @@ class DestSession:
             return False
         usable, why = fastpath.available()
         if not usable:
-            self.fast_off = f"unavailable: {why}"
+            self.fast_off = self.report.fast_off = f"unavailable: {why}"
             self.daemon.log(f"post-copy fast path {self.fast_off}; the Python loop serves faults")
             return False
         return True
@@ -683,6 +686,7 @@ class DestSession:
                        or (bulk is not None and bulk[1]))
         if events or interrupted:
             # The guest is changing its region: Python follows its events from here on.
+            self.fast_off = self.report.fast_off = "the guest changed its region"
             self._stop_fast()
             if interrupted and fast.st.staging_interrupted:
                 self.daemon.log("the guest changed its region: staged pages are fetched from "

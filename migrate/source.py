@@ -674,20 +674,11 @@ class SourceMigration:
                     except zmq.Again:
                         break
                     arrival = time.monotonic_ns()
-                    msg = self.conn.receive(frames)
-                    if msg.TYPE == MsgType.REQUEST:
-                        assert isinstance(msg, protocol.Request)
-                        cursor = self._serve_request(msg, arrival)
-                    elif msg.TYPE == MsgType.COMPLETE:
-                        assert isinstance(msg, protocol.Complete)
-                        self._completed(msg)
+                    done, served = self._postcopy_urgent(self.conn.receive(frames), arrival)
+                    if done:
                         return
-                    elif msg.TYPE == MsgType.PING:
-                        pass
-                    elif isinstance(msg, protocol.Error):
-                        raise MigrationError(msg.phase, f"the destination reported: {msg.message}")
-                    else:
-                        raise ProtocolError(f"unexpected {msg.TYPE.name} during post-copy")
+                    if served is not None:
+                        cursor = served
             if self.bulk in ready:
                 last_heard = now
                 while True:
@@ -713,6 +704,21 @@ class SourceMigration:
                 self.progress.update("postcopy", f"{n - valid.count(0):,}/{n:,} pages at the "
                                      f"destination, {self.requests:,} faults served, "
                                      f"{rate:,.0f} pages/s")
+
+    def _postcopy_urgent(self, msg: protocol.Message, arrival_ns: int
+                         ) -> tuple[bool, int | None]:
+        """An urgent message during post-copy: (the migration's transfer is complete, where the
+        push goes on after a request served)."""
+        if isinstance(msg, protocol.Request):
+            return False, self._serve_request(msg, arrival_ns)
+        if isinstance(msg, protocol.Complete):
+            self._completed(msg)
+            return True, None
+        if isinstance(msg, protocol.Error):
+            raise MigrationError(msg.phase, f"the destination reported: {msg.message}")
+        if msg.TYPE != MsgType.PING:
+            raise ProtocolError(f"unexpected {msg.TYPE.name} during post-copy")
+        return False, None
 
     def _completed(self, msg: protocol.Complete) -> None:
         self.complete = msg
@@ -774,18 +780,12 @@ class SourceMigration:
                     frames, _ = fast.take_urgent()
                     arrival = time.monotonic_ns()
                     last_heard = time.monotonic()
-                    msg = self.conn.receive(frames)
-                    if isinstance(msg, protocol.Request):
-                        self._serve_request(msg, arrival)
+                    done, served = self._postcopy_urgent(self.conn.receive(frames), arrival)
+                    if done:
+                        return
+                    if served is not None:  # a request the C loop left to us
                         st.seq = self.seq
                         st.valid_count = n - self.valid.count(0)
-                    elif isinstance(msg, protocol.Complete):
-                        self._completed(msg)
-                        return
-                    elif isinstance(msg, protocol.Error):
-                        raise MigrationError(msg.phase, f"the destination reported: {msg.message}")
-                    elif msg.TYPE != MsgType.PING:
-                        raise ProtocolError(f"unexpected {msg.TYPE.name} during post-copy")
                 now = time.monotonic()
                 if now - last_heard > self.opts.peer_timeout_s:
                     raise MigrationError("postcopy", f"no word from the destination for "
@@ -930,10 +930,12 @@ class SourceMigration:
             "fast_path": {"source": self.fast_path, "dest": d.get("fast_path", False),
                           "source_wakeups": self.fast_wakeups,
                           "dest_wakeups": d.get("fast_wakeups", 0),
+                          "source_off": self.fast_off,
                           "source_realtime": self.fast_realtime,
                           "source_push_batch_us": self.push_batch_us,
                           "dest_push_slice_us": d.get("push_slice_us"),
                           "dest_realtime": d.get("fast_realtime", False),
+                          "dest_off": d.get("fast_off"),
                           "urgent_io": {"source": getattr(self.ctx, "urgent_io_priority", None),
                                         "dest": d.get("urgent_io")}},
             "fault_latency_us": {k: lat.get(k) for k in ("p50", "p90", "p99", "max", "histogram")},
