@@ -32,6 +32,7 @@ import sys
 import time
 from array import array
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -692,18 +693,25 @@ class SourceMigration:
             if can_push:
                 cursor = self._push_from(cursor)
             elif not ready:
-                if now - last_heard > self.opts.peer_timeout_s:
-                    raise MigrationError("postcopy",
-                                         f"no word from the destination for "
-                                         f"{self.opts.peer_timeout_s:.0f} s")
-                if now - self.last_sent >= 1.0:
-                    self._send(self.urgent, protocol.Ping(time.monotonic_ns()))
-            self._announce_snapshot()
-            if self.progress.due():
-                rate = self._rate(self.counts["pushed"] + self.counts["demand"])
-                self.progress.update("postcopy", f"{n - valid.count(0):,}/{n:,} pages at the "
-                                     f"destination, {self.requests:,} faults served, "
-                                     f"{rate:,.0f} pages/s")
+                self._keep_alive(now, last_heard)
+            self._postcopy_progress(lambda: n - valid.count(0))
+
+    def _keep_alive(self, now: float, last_heard: float) -> None:
+        """A destination silent past the deadline is gone; a PING when we said nothing for 1 s."""
+        if now - last_heard > self.opts.peer_timeout_s:
+            raise MigrationError("postcopy", f"no word from the destination for "
+                                             f"{self.opts.peer_timeout_s:.0f} s")
+        if now - self.last_sent >= 1.0:
+            self._send(self.urgent, protocol.Ping(time.monotonic_ns()))
+
+    def _postcopy_progress(self, pages_there: Callable[[], int]) -> None:
+        """Snapshot announcement and the progress line (its count only built when shown)."""
+        self._announce_snapshot()
+        if self.progress.due():
+            rate = self._rate(self.counts["pushed"] + self.counts["demand"])
+            self.progress.update("postcopy", f"{pages_there():,}/{self.npages:,} pages at the "
+                                 f"destination, {self.requests:,} faults served, "
+                                 f"{rate:,.0f} pages/s")
 
     def _postcopy_urgent(self, msg: protocol.Message, arrival_ns: int
                          ) -> tuple[bool, int | None]:
@@ -786,18 +794,8 @@ class SourceMigration:
                     if served is not None:  # a request the C loop left to us
                         st.seq = self.seq
                         st.valid_count = n - self.valid.count(0)
-                now = time.monotonic()
-                if now - last_heard > self.opts.peer_timeout_s:
-                    raise MigrationError("postcopy", f"no word from the destination for "
-                                                     f"{self.opts.peer_timeout_s:.0f} s")
-                if now - self.last_sent >= 1.0:
-                    self._send(self.urgent, protocol.Ping(time.monotonic_ns()))
-                self._announce_snapshot()
-                if self.progress.due():
-                    rate = self._rate(self.counts["pushed"] + self.counts["demand"])
-                    self.progress.update("postcopy", f"{int(st.valid_count):,}/{n:,} pages at "
-                                         f"the destination, {self.requests:,} faults served, "
-                                         f"{rate:,.0f} pages/s")
+                self._keep_alive(time.monotonic(), last_heard)
+                self._postcopy_progress(lambda: int(st.valid_count))
         finally:
             priority.__exit__(None, None, None)
             collect()

@@ -205,6 +205,14 @@ static int mig_x_send(void *sock, const uint8_t *head, size_t hlen, const void *
 
 /* ---- msgpack, the canonical forms msgpack-python writes ------------------------------------ */
 
+static uint64_t mp_be(const uint8_t *q, int len)
+{
+	uint64_t v = 0;
+	for (int i = 0; i < len; i++)
+		v = (v << 8) | q[i];
+	return v;
+}
+
 static int mp_uint(const uint8_t **p, const uint8_t *end, uint64_t *out)
 {
 	const uint8_t *q = *p;
@@ -226,10 +234,7 @@ static int mp_uint(const uint8_t **p, const uint8_t *end, uint64_t *out)
 	}
 	if (end - q < len)
 		return -1;
-	uint64_t v = 0;
-	for (int i = 0; i < len; i++)
-		v = (v << 8) | q[i];
-	*out = v;
+	*out = mp_be(q, len);
 	*p = q + len;
 	return 0;
 }
@@ -249,9 +254,7 @@ static int mp_bin(const uint8_t **p, const uint8_t *end, const uint8_t **data, u
 	}
 	if (end - q < nb)
 		return -1;
-	uint64_t v = 0;
-	for (int i = 0; i < nb; i++)
-		v = (v << 8) | q[i];
+	uint64_t v = mp_be(q, nb);
 	q += nb;
 	if ((uint64_t)(end - q) < v)
 		return -1;
