@@ -191,7 +191,7 @@ class DestSession:
         # it forked here, and whether any event happened (then pages take the translated path).
         self.regmap: regionevents.RegionMap | None = None
         self.children: list[regionevents.ChildSpace] = []
-        self.events_active = False
+        self._events_active = False
         self.reference_child: str | None = None
         self._poller: zmq.Poller | None = None
 
@@ -206,6 +206,21 @@ class DestSession:
             self.fast.st.present_count = value
         else:
             self._present_count = value
+
+    @property
+    def events_active(self) -> bool:
+        """The guest changed its region here (pages then take the translated path)."""
+        return self._events_active
+
+    @events_active.setter
+    def events_active(self, value: bool) -> None:
+        # Whoever notices the change first (the C loop, a staged install meeting EAGAIN, a
+        # pushed batch), the C loop must not install again: it knows only original addresses and
+        # would bring back pages the guest discarded.
+        self._events_active = value
+        if value and self.fast is not None:
+            self.fast_off = self.report.fast_off = "the guest changed its region"
+            self._stop_fast()
 
     # -- setup ------------------------------------------------------------------------------
 
