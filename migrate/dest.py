@@ -700,17 +700,16 @@ class DestSession:
         interrupted = (bool(fast.st.staging_interrupted) or (urgent is not None and urgent[1])
                        or (bulk is not None and bulk[1]))
         if events or interrupted:
-            # The guest is changing its region: Python follows its events from here on.
-            self.fast_off = self.report.fast_off = "the guest changed its region"
-            self._stop_fast()
-            if interrupted and fast.st.staging_interrupted:
+            # The guest is changing its region: Python follows its events from here on (the
+            # events_active setter stops the fast path).
+            self.events_active = True
+            if fast.st.staging_interrupted:
                 self.daemon.log("the guest changed its region: staged pages are fetched from "
                                 "the source instead")
             if events:
                 self._on_space_events(None, events)
             if interrupted:
                 self._drain(None)
-            self.events_active = True
         if urgent is not None:
             self.urgent_arrival_ns = time.monotonic_ns()
             self._on_urgent(self.conn.receive(urgent[0]))

@@ -119,6 +119,24 @@ static uint64_t mig_x_now(void)
 	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
 }
 
+/* zmq_poll for the loops: ready items, 0 when interrupted (EINTR: nothing ready, look again),
+ * or -errno. A wait that ends with something ready counts as a wake-up in *wakeups. */
+static int mig_x_poll(mig_zmq_pollitem_t *items, int n, long wait, uint64_t *wakeups)
+{
+	int ready = Z.poll(items, n, wait);
+	if (ready < 0) {
+		int e = Z.err();
+		if (e != EINTR)
+			return -e;
+		for (int i = 0; i < n; i++)
+			items[i].revents = 0;
+		return 0;
+	}
+	if (ready > 0 && wait != 0 && wakeups)
+		(*wakeups)++;
+	return ready;
+}
+
 struct mig_x_handoff {
 	int nframes;
 	int interrupted;
@@ -921,15 +939,9 @@ int mig_dest_x_run(struct mig_dest_x *st, int timeout_ms)
 			{.socket = st->bulk, .events = ZMQ_POLLIN_},
 			{.socket = NULL, .fd = st->uffd, .events = ZMQ_POLLIN_},
 		};
-		int ready = Z.poll(items, 3, wait);
-		if (ready < 0) {
-			int e = Z.err();
-			if (e == EINTR)
-				continue;
-			return -e;
-		}
-		if (ready > 0 && wait > 0)
-			st->wakeups++;
+		int ready = mig_x_poll(items, 3, wait, &st->wakeups);
+		if (ready < 0)
+			return ready;
 		int ret;
 		if (items[2].revents) {
 			ret = mig_dest_x_faults(st);
@@ -951,8 +963,6 @@ int mig_dest_x_run(struct mig_dest_x *st, int timeout_ms)
 					return ret;
 			}
 		}
-		if (ready == 0 && mig_x_now() >= deadline)
-			return MIG_X_TICK;
 		if (mig_x_now() >= deadline)
 			return MIG_X_TICK;
 	}
@@ -1271,15 +1281,9 @@ int mig_src_x_run(struct mig_src_x *st, int timeout_ms)
 			{.socket = st->urgent, .events = ZMQ_POLLIN_},
 			{.socket = st->bulk, .events = ZMQ_POLLIN_},
 		};
-		int ready = Z.poll(items, 2, wait);
-		if (ready < 0) {
-			int e = Z.err();
-			if (e == EINTR)
-				continue;
-			return -e;
-		}
-		if (ready > 0 && wait > 0)
-			st->wakeups++;
+		int ready = mig_x_poll(items, 2, wait, &st->wakeups);
+		if (ready < 0)
+			return ready;
 		int ret = mig_src_x_requests(st); /* requests first */
 		if (ret < 0)
 			return ret;
@@ -1330,11 +1334,9 @@ int64_t mig_x_echo(void *sock, uint64_t reply_len)
 		return -EINVAL;
 	for (;;) {
 		mig_zmq_pollitem_t item = {.socket = sock, .events = ZMQ_POLLIN_};
-		if (Z.poll(&item, 1, -1) < 0) {
-			if (Z.err() == EINTR)
-				continue;
-			return -Z.err();
-		}
+		int ready = mig_x_poll(&item, 1, -1, NULL);
+		if (ready < 0)
+			return ready;
 		int got = mig_x_recv(sock, &h);
 		if (got < 0)
 			return got;
@@ -1364,8 +1366,9 @@ int mig_x_rtt(void *sock, uint32_t n, uint64_t *ns)
 			return -Z.err();
 		for (;;) {
 			mig_zmq_pollitem_t item = {.socket = sock, .events = ZMQ_POLLIN_};
-			if (Z.poll(&item, 1, -1) < 0 && Z.err() != EINTR)
-				return -Z.err();
+			int ready = mig_x_poll(&item, 1, -1, NULL);
+			if (ready < 0)
+				return ready;
 			int got = mig_x_recv(sock, &h);
 			if (got < 0)
 				return got;
