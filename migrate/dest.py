@@ -309,9 +309,7 @@ class DestSession:
             if self.report.phase not in ("precopy", "switchover"):
                 raise ProtocolError(f"a {Batch(msg.kind).name} batch after the guest runs here")
             if self.staging is None:
-                self.staging = Staging(self.npages, self.page)
-            if self.reserve is not None:
-                self.reserve.take((len(idx) - zero.count(1)) * self.page)
+                self.staging = Staging(self.npages, self.page, self.reserve)
             first_time, again = self.staging.store(idx, zero, buf, self.hashes)
             self.report.pages["zero"] += zero.count(1)
             self.report.pages["precopy"] += first_time

@@ -176,6 +176,15 @@ class Reserve:
     def take(self, nbytes: int) -> None:
         lib.mig_reserve_take(self.st, nbytes)
 
+    def claim(self, address: int, nbytes: int) -> int:
+        """Move up to ``nbytes`` (whole chunks) of faulted-in reserve to ``address`` (mremap):
+        memory that is written at once (staging) then costs no page fault a page. Returns bytes
+        moved; 0 when nothing filled is left."""
+        moved = lib.mig_reserve_claim(self.st, ffi.cast("char *", address), nbytes)
+        if moved < 0:
+            raise oserror(-moved, "mremap (claiming reserve memory)")
+        return int(moved)
+
     @property
     def depleted(self) -> bool:
         return bool(self.st.freed)
@@ -346,12 +355,9 @@ class SourceFastPath:
         if not 0 < n <= lib.MIG_X_BATCH_MAX:
             raise ValueError(f"a batch has 1..{lib.MIG_X_BATCH_MAX} pages, not {n}")
         contiguous = isinstance(indexes, range) and indexes.step == 1
-        if contiguous:
-            for k in range(n):
-                st.idx[k] = indexes.start + k
-        else:
-            packed = array("I", indexes)
-            ffi.memmove(st.idx, packed, 4 * n)
+        packed = indexes if isinstance(indexes, array) and indexes.typecode == "I" \
+            else array("I", indexes)
+        ffi.memmove(st.idx, packed, 4 * n)
         st.seq = seq
         ret = lib.mig_src_x_send_batch(st, int(bulk), kind, request, round, n, int(contiguous),
                                        self._zeros)

@@ -631,6 +631,32 @@ class PagemapScanner:
             pos = walk_end
         return result
 
+    def mark(self, start: int, end: int, out: bytearray, *, require: int = 0, anyof: int = 0,
+             exclude: int = 0, wp_matching: bool = False, check_wpasync: bool = False) -> int:
+        """Like :meth:`scan`, but each matching page's byte in ``out`` (one a page from
+        ``start``) is set to 1 in C, however many runs there are. Returns the pages marked."""
+        if self._fd < 0:
+            raise ValueError("mark on a closed PagemapScanner")
+        _check_aligned(start, "scan start")
+        _check_aligned(end, "scan end")
+        if end <= start:
+            raise ValueError(f"scan end {end:#x} must be above start {start:#x}")
+        if len(out) < (end - start) // PAGE_SIZE:
+            raise ValueError(f"the byte map has {len(out)} bytes for "
+                             f"{(end - start) // PAGE_SIZE} pages")
+        for name, mask in (("require", require), ("anyof", anyof), ("exclude", exclude)):
+            if int(mask) & ~int(ALL_CATEGORIES):
+                raise ValueError(f"{name} has unknown category bits {int(mask):#x}")
+        flags = (lib.PM_SCAN_WP_MATCHING if wp_matching else 0) | (
+            lib.PM_SCAN_CHECK_WPASYNC if check_wpasync else 0)
+        n = lib.mig_pagemap_mark(self._fd, start, end, flags, int(exclude),
+                                 int(require) | int(exclude), int(anyof),
+                                 # runs merge across categories not asked about
+                                 int(require) | int(anyof) or int(ALL_CATEGORIES),
+                                 self._vec, self._capacity, PAGE_SIZE,
+                                 ffi.from_buffer("uint8_t[]", out, require_writable=True))
+        return int(check(n, "ioctl(PAGEMAP_SCAN)"))
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -663,6 +689,37 @@ def _writable_buffer(into: Any, length: int) -> Any:
     if len(buf) < length:
         raise ValueError(f"buffer of {len(buf)} bytes is smaller than the {length} requested")
     return buf
+
+
+def byte_indexes(byte_map: bytes | bytearray) -> array.array:
+    """Indexes of the 1 bytes of a byte map (one byte a page, each 0 or 1), in order."""
+    out = array.array("I", bytes(4 * byte_map.count(1)))
+    if out:
+        lib.mig_bytes_indexes(ffi.from_buffer("uint8_t[]", byte_map), len(byte_map),
+                              ffi.from_buffer("uint32_t[]", out, require_writable=True))
+    return out
+
+
+def _byte_op(op: Any, dst: bytearray, src: bytes | bytearray) -> None:
+    if len(dst) != len(src):
+        raise ValueError(f"byte maps of {len(dst)} and {len(src)} bytes")
+    op(ffi.from_buffer("uint8_t[]", dst, require_writable=True), ffi.from_buffer("uint8_t[]", src),
+       len(dst))
+
+
+def bytes_clear(dst: bytearray, where: bytes | bytearray) -> None:
+    """dst[i] = 0 wherever where[i] is 1 (byte maps of equal length)."""
+    _byte_op(lib.mig_bytes_andnot, dst, where)
+
+
+def bytes_keep(dst: bytearray, where: bytes | bytearray) -> None:
+    """dst[i] = 0 wherever where[i] is 0."""
+    _byte_op(lib.mig_bytes_and, dst, where)
+
+
+def bytes_set(dst: bytearray, where: bytes | bytearray) -> None:
+    """dst[i] = 1 wherever where[i] is 1."""
+    _byte_op(lib.mig_bytes_or, dst, where)
 
 
 def read_process(pid: int, address: int, length: int, into: Any = None) -> memoryview:

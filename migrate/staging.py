@@ -34,9 +34,15 @@ class Staging:
     from here), DATA or ZERO. Installing proceeds from a cursor upward (faults take pages ahead
     of it), so everything below the cursor is done and its memory is released."""
 
-    def __init__(self, npages: int, page_size: int) -> None:
+    def __init__(self, npages: int, page_size: int, reserve: Any = None) -> None:
         self.npages = npages
         self.page = page_size
+        # fastpath.Reserve (or None): each 2 MiB piece of staging is, before its first store,
+        # faulted-in memory moved over from the reserve. Stores into fresh memory fault once a
+        # page: that was 40% of the destination's CPU time during pre-copy (perf, kv 1 GiB).
+        self.reserve = reserve
+        self.chunk_pages = FREE_CHUNK // page_size
+        self.backed = bytearray(-(-npages // self.chunk_pages))  # 1: chunk claimed or touched
         # No MADV_HUGEPAGE: first touch of madvised THP here ran at 0.66 GB/s against 2.5 GB/s
         # for 4 KiB pages (THP defrag=madvise compacts synchronously).
         self.region = memory.Region.anonymous(npages * page_size)
@@ -52,6 +58,8 @@ class Staging:
         the hash of each in ``hashes``. Returns (pages seen for the first time, pages replaced)."""
         n = len(indexes)
         ndata = n - zero.count(1)
+        if ndata:
+            self._back(indexes)
         data_hashes = digest.page_hashes(data[:ndata * self.page], self.page) if ndata \
             else array("Q")
         first_time = lib.mig_stage_store(
@@ -61,6 +69,21 @@ class Staging:
             ffi.from_buffer("uint64_t[]", data_hashes) if ndata else ffi.NULL,
             ZERO_PAGE_HASH, self.page)
         return first_time, n - first_time
+
+    def _back(self, indexes: array) -> None:
+        """Reserve memory under the chunks these pages go to, where there is some."""
+        backed, per = self.backed, self.chunk_pages
+        first, last = indexes[0] // per, indexes[-1] // per
+        chunks = range(first, last + 1) if 0 <= last - first <= 1 else sorted({i // per for i in
+                                                                          indexes})
+        for c in chunks:
+            if backed[c]:
+                continue
+            backed[c] = 1
+            if self.reserve is None or (c + 1) * per > self.npages:
+                continue  # fresh memory (a partial last chunk stays that way too)
+            if not self.reserve.claim(self.region.address + c * FREE_CHUNK, FREE_CHUNK):
+                self.reserve.take(FREE_CHUNK)  # none left filled: hot frames for the faults
 
     def install(self, fd: int, dst: int, present: bytearray, first: int, end: int,
                 max_pages: int) -> tuple[int, int]:
@@ -97,13 +120,11 @@ class Staging:
     def drop(self, indexes: array) -> int:
         """Forget staged pages (stale: written at the source since they were sent). Returns how
         many were staged."""
-        state = self.state
-        dropped = 0
-        for p in indexes:
-            if state[p]:
-                state[p] = 0
-                dropped += 1
-        return dropped
+        if not len(indexes):
+            return 0
+        return int(lib.mig_bytes_clear_indexes(self._state_ptr, ffi.from_buffer("uint32_t[]",
+                                                                                indexes),
+                                               len(indexes), self.npages))
 
     def remaining(self) -> int:
         return self.npages - self.state.count(0)

@@ -7,6 +7,7 @@
 #include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -145,6 +146,75 @@ int64_t mig_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags, u
 	} while (ret < 0 && errno == EINTR);
 	*walk_end = arg.walk_end;
 	return ret < 0 ? -errno : ret;
+}
+
+int64_t mig_pagemap_mark(int fd, uint64_t start, uint64_t end, uint64_t flags, uint64_t inverted,
+                         uint64_t mask, uint64_t anyof, uint64_t return_mask,
+                         struct mig_page_region *vec, uint64_t vec_len, uint64_t page_size,
+                         uint8_t *out)
+{
+	uint64_t pos = start, marked = 0, walk_end = 0;
+	if (page_size == 0 || vec_len == 0 || end < start)
+		return -EINVAL;
+	while (pos < end) {
+		int64_t n = mig_pagemap_scan(fd, pos, end, flags, 0, inverted, mask, anyof,
+		                             return_mask, vec, vec_len, &walk_end);
+		if (n < 0)
+			return n;
+		for (int64_t i = 0; i < n; i++) {
+			uint64_t s = vec[i].start < start ? start : vec[i].start;
+			uint64_t e = vec[i].end > end ? end : vec[i].end;
+			if (e <= s)
+				continue;
+			memset(out + (s - start) / page_size, 1, (e - s) / page_size);
+			marked += (e - s) / page_size;
+		}
+		/* the walk stops before end only when vec filled up */
+		if ((uint64_t)n < vec_len || walk_end <= pos || walk_end >= end)
+			break;
+		pos = walk_end;
+	}
+	return (int64_t)marked;
+}
+
+uint64_t mig_bytes_indexes(const uint8_t *map, uint64_t n, uint32_t *out)
+{
+	uint64_t count = 0;
+	for (uint64_t i = 0; i < n; i++) {
+		if (map[i] == 1)
+			out[count++] = (uint32_t)i;
+	}
+	return count;
+}
+
+void mig_bytes_andnot(uint8_t *dst, const uint8_t *src, uint64_t n)
+{
+	for (uint64_t i = 0; i < n; i++)
+		dst[i] &= (uint8_t)~src[i];
+}
+
+void mig_bytes_and(uint8_t *dst, const uint8_t *src, uint64_t n)
+{
+	for (uint64_t i = 0; i < n; i++)
+		dst[i] &= src[i];
+}
+
+void mig_bytes_or(uint8_t *dst, const uint8_t *src, uint64_t n)
+{
+	for (uint64_t i = 0; i < n; i++)
+		dst[i] |= src[i];
+}
+
+uint64_t mig_bytes_clear_indexes(uint8_t *map, const uint32_t *idx, uint64_t n, uint64_t npages)
+{
+	uint64_t cleared = 0;
+	for (uint64_t k = 0; k < n; k++) {
+		if (idx[k] < npages && map[idx[k]]) {
+			map[idx[k]] = 0;
+			cleared++;
+		}
+	}
+	return cleared;
 }
 
 int64_t mig_process_read(int pid, uint64_t local, uint64_t remote, uint64_t len)

@@ -518,6 +518,30 @@ void mig_reserve_take(struct mig_reserve *r, uint64_t bytes)
 	pthread_mutex_unlock(&r->lock);
 }
 
+/* Move filled chunks of the reserve (whole chunks, at most `bytes`) to dst with mremap: the
+ * frames stay faulted in, now at dst (the destination's staging memory), so pre-copied pages
+ * are stored there without a page fault each. Counted as used, so take() keeps giving back
+ * ahead of the installs that follow. Returns bytes moved (0: nothing filled left) or -errno. */
+int64_t mig_reserve_claim(struct mig_reserve *r, char *dst, uint64_t bytes)
+{
+	uint64_t moved = 0;
+	pthread_mutex_lock(&r->lock);
+	while (moved + MIG_RESERVE_CHUNK <= bytes && r->freed + MIG_RESERVE_CHUNK <= r->filled) {
+		void *to = mremap(r->base + r->freed, MIG_RESERVE_CHUNK, MIG_RESERVE_CHUNK,
+		                  MREMAP_MAYMOVE | MREMAP_FIXED, dst + moved);
+		if (to == MAP_FAILED) {
+			int e = errno;
+			pthread_mutex_unlock(&r->lock);
+			return -e;
+		}
+		r->freed += MIG_RESERVE_CHUNK;
+		r->used += MIG_RESERVE_CHUNK;
+		moved += MIG_RESERVE_CHUNK;
+	}
+	pthread_mutex_unlock(&r->lock);
+	return (int64_t)moved;
+}
+
 /* Give back everything still held (the reserve is done with). */
 void mig_reserve_release_all(struct mig_reserve *r)
 {

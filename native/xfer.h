@@ -42,6 +42,7 @@ struct mig_reserve {
 int mig_reserve_init(struct mig_reserve *r, char *base, uint64_t len, uint64_t margin);
 int64_t mig_reserve_fill(struct mig_reserve *r, uint64_t bytes);
 void mig_reserve_take(struct mig_reserve *r, uint64_t bytes);
+int64_t mig_reserve_claim(struct mig_reserve *r, char *dst, uint64_t bytes);
 void mig_reserve_release_all(struct mig_reserve *r);
 
 struct mig_x_samples {
