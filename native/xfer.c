@@ -33,6 +33,7 @@
 #define MIG_X_MAX_EVENTS 64
 #define MIG_X_DEMAND_MAX 65 /* the faulting page and at most 64 neighbours */
 #define MIG_X_BATCH_MAX 512 /* pages in one batch the source reads and sends */
+#define MIG_X_READ_PIECE 16 /* pages of a pushed batch read between looks at the requests */
 
 /* Wire constants of migrate/protocol.py. */
 #define MSG_PAGES 4
@@ -1149,9 +1150,18 @@ static int64_t mig_src_x_send_read(struct mig_src_x *st, void *sock, uint64_t ki
 	if (Z.msg_init_size(&msg, want) < 0)
 		return -Z.err();
 	char *data = Z.msg_data(&msg);
-	int ret = mig_src_x_read(st, st->idx, n, contiguous, data, st->addrs);
-	if (ret == 0 && serve_between)
-		ret = mig_src_x_requests(st); /* the guest waits on a request, not on the push */
+	/* With serve_between the batch is read a piece at a time and requests that arrived are
+	 * answered after each piece: a fault then waits for at most one piece (64 KiB, ~10 us)
+	 * instead of the whole batch (512 KiB, ~100 us). */
+	uint32_t piece = serve_between ? MIG_X_READ_PIECE : n;
+	int ret = 0;
+	for (uint32_t k = 0; k < n && ret >= 0; k += piece) {
+		uint32_t m = n - k < piece ? n - k : piece;
+		ret = mig_src_x_read(st, st->idx + k, m, contiguous, data + (uint64_t)k * st->page_size,
+		                     st->addrs + k);
+		if (ret == 0 && serve_between && !st->hand[0].nframes)
+			ret = mig_src_x_requests(st); /* the guest waits on a request, not on the push */
+	}
 	if (ret < 0) {
 		Z.msg_close(&msg);
 		return ret;
