@@ -136,7 +136,8 @@ class SourceMigration:
         self.rounds: list[dict[str, Any]] = []
         self.requests = 0
         self.dest_report: dict[str, Any] | None = None
-        self.guest_finished: dict[str, Any] | None = None  # "done" seen before the pause
+        # "finished" (its workload is done: still) or "done" (with its digest) before the pause
+        self.guest_finished: dict[str, Any] | None = None
         self.mismatched: list[int] = []
         # Byte map: pages written since the last pre-copy round sent them (None: no round yet)
         self.pending_dirty: bytearray | None = None
@@ -147,6 +148,7 @@ class SourceMigration:
         self.throttled = False  # the guest runs at SCHED_IDLE (pre-copy with opts.throttle)
         self.bulk_io_fifo = False  # the bulk I/O thread runs at SCHED_FIFO (pre-copy)
         self.bulk_io_fifo_used = False  # ... it did, for the report
+        self.precopy_sender_fifo = False  # the pre-copy sender (this thread) ran at SCHED_FIFO
         self.ops_at_start = 0  # guest operations done when the migration started
         self.region_events: regionevents.SourceEventWatcher | None = None
         self.fast: fastpath.SourceFastPath | None = None  # the C side, when it can be used
@@ -282,7 +284,11 @@ class SourceMigration:
             self.ops_at_start = self.guest.progress_ops if self.guest else 0  # last report
             if self.opts.mode != "postcopy":
                 self.phase = "precopy"
-                self._precopy()
+                # The sender at SCHED_FIFO like its bulk I/O thread (set_bulk_io_realtime): the
+                # guest runs whenever both wait (for the window), never instead of a send.
+                with fastpath.realtime() as sender:
+                    self.precopy_sender_fifo = sender.applied
+                    self._precopy()
             self.phase = "switchover"
             self._switchover()
             self.phase = "postcopy"
@@ -375,7 +381,7 @@ class SourceMigration:
         while time.monotonic() < deadline:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
             for msg in self.guest.poll_messages():
-                if msg["type"] == "done":
+                if msg["type"] in ("finished", "done"):
                     self.guest_finished = msg
                     self.progress.update("running", "the workload finished before migration")
             if self.guest.progress_ops == 0 and self.guest.progress_init:
@@ -550,13 +556,13 @@ class SourceMigration:
         self.pause_at_ns = t_pause - self.migration_clock.start_ns
         if self.guest_finished is None:
             for msg in self.guest.poll_messages():
-                if msg["type"] == "done":
+                if msg["type"] in ("finished", "done"):
                     self.guest_finished = msg
         # A guest that already finished its workload is as still as a paused one.
         # The region is still from PAUSED on; the guest's own SIGSTOP is awaited after SWITCHOVER.
-        paused = self.guest_finished or self.guest.pause(wait_stopped=False)
-        if self.throttled:
+        if self.throttled:  # first: a guest at SCHED_IDLE would answer the pause late
             self._throttle_guest(False)
+        paused = self.guest_finished or self.guest.pause(wait_stopped=False)
         self._lower_bulk_io()
         self.paused_ops = paused.get("ops", 0)
         self._check_region_events()  # an UNMAP/REMAP just before the pause: stay here
@@ -614,7 +620,7 @@ class SourceMigration:
         deadline = time.monotonic() + timeout_s
         while not self.guest.events and time.monotonic() < deadline:
             for msg in self.guest.poll_messages():
-                if msg["type"] == "done":
+                if msg["type"] in ("finished", "done"):
                     self.guest_finished = msg
             if self.guest_finished is not None:
                 return
@@ -919,7 +925,9 @@ class SourceMigration:
             "pause_at_s": round(self.pause_at_ns / 1e9, 4),
             "precopy_rounds": len(self.rounds),
             "throttled": self.opts.throttle and self.opts.mode != "postcopy",
-            "precopy_bulk_io": "fifo" if self.bulk_io_fifo_used else "normal",
+            # Scheduling of pre-copy's sender and bulk I/O thread (see transport.py)
+            "precopy_priority": {"sender": "fifo" if self.precopy_sender_fifo else "normal",
+                                 "bulk_io": "fifo" if self.bulk_io_fifo_used else "normal"},
             # What the guest got done while pre-copy ran (from its last progress report, at
             # most 0.25 s old, to the pause): what throttling costs it.
             "guest_ops_during_precopy": max(0, self.paused_ops - self.ops_at_start),
@@ -1000,6 +1008,8 @@ class SourceMigration:
             if self.opts.on_failure != "resume":
                 return outcome
             done = self.guest_finished or g.receive(timeout=self.opts.local_finish_timeout_s)
+            if done.get("type") == "finished":  # the digest follows
+                done = g.receive(timeout=self.opts.local_finish_timeout_s)
             if done.get("type") != "done":
                 return outcome | {"error": f"guest sent {done.get('type')}"}
             o = self.opts

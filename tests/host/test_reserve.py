@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from array import array
 
 import pytest
 
-from migrate import fastpath
+from migrate import fastpath, memory
 from migrate._native import lib
+from migrate.staging import Staging
 
 pytestmark = pytest.mark.host
 
@@ -70,3 +72,53 @@ def test_give_back_while_filling_stops_the_fill():
     assert r.error is None  # chunks given back during the fill are not an error
     assert r.st.freed == r.size
     r.close()
+
+
+def test_claim_moves_faulted_in_chunks_and_take_continues_after_them():
+    """claim: filled chunks move (mremap) to another address with their frames, no fault when
+    written there; they count as used, so take keeps giving back ahead of later installs."""
+    r = fastpath.Reserve(24 * MIB)
+    dst = memory.Region.anonymous(8 * MIB)
+    try:
+        r.fill()
+        base = int(fastpath.ffi.cast("uintptr_t", r.st.base))
+        assert r.claim(dst.address, 5 * MIB) == 4 * MIB  # whole chunks only
+        assert r.st.freed == 4 * MIB and r.st.used == 4 * MIB
+        assert not mapped(base, 4 * MIB)  # gone from the reserve
+        present = [e.present for e in dst.pagemap(0, dst.npages)]
+        assert all(present[:1024]) and not any(present[1024:])  # moved in, already backed
+        dst[0] = 7
+        assert dst[0] == 7
+        r.take(0)  # used 4 MiB + 16 MiB margin
+        assert r.st.freed == 20 * MIB
+        assert r.claim(dst.address + 4 * MIB, 4 * MIB) == 4 * MIB
+        assert r.claim(dst.address, 2 * MIB) == 0  # nothing filled is left
+    finally:
+        dst.close()
+        r.close()
+
+
+def test_staging_stores_into_reserve_memory():
+    """Staging claims a reserve chunk under each 2 MiB piece before its first store; without
+    filled reserve left it stores into fresh memory (and asks the reserve to give back)."""
+    npages = 1536  # 6 MiB: three chunks
+    r = fastpath.Reserve(4 * MIB)
+    r.fill()
+    st = Staging(npages, memory.PAGE_SIZE, r)
+    try:
+        hashes = array("Q", bytes(8 * npages))
+        data = bytes(range(256)) * 16 * 8  # 8 pages
+        idx = array("I", range(0, 8))
+        assert st.store(idx, bytes(8), data, hashes) == (8, 0)
+        assert r.st.freed == 2 * MIB  # chunk 0 came from the reserve
+        present = [e.present for e in st.region.pagemap(0, 512)]
+        assert all(present)  # the whole chunk is backed, not just the 8 pages stored
+        st.store(array("I", range(1024, 1032)), bytes(8), data, hashes)  # chunk 2
+        assert r.st.freed == 4 * MIB
+        st.store(array("I", range(600, 608)), bytes(8), data, hashes)  # chunk 1: none left
+        assert bytes(st.region.read(600 * memory.PAGE_SIZE, len(data))) == data
+        assert bytes(st.region.read(1024 * memory.PAGE_SIZE, len(data))) == data
+        assert list(st.backed) == [1, 1, 1]
+    finally:
+        st.close()
+        r.close()

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from migrate import memory
 from migrate.memory import PAGE_SIZE, PageCategory, PagemapScanner, Region
 from migrate.probe import Toucher, probe, touch_pages
 from migrate.uffd import Feature, Ioctl, PageFault, RegisterMode, Userfaultfd
@@ -345,3 +346,52 @@ def test_missing_fault_on_hugetlb_served_with_one_2m_copy(need, serve, hugepages
         assert region.read(huge - 3, 6) == bytes([253, 254, 255, 0, 1, 2])
         with pytest.raises(FileExistsError):
             uffd.copy(region.address, source)
+
+
+def test_wp_async_mark_sets_the_written_pages_in_a_byte_map(need):
+    """PagemapScanner.mark: the same walk as scan, each written page's byte set in C; a vector
+    too small for the runs makes it continue the walk, and wp_matching protects them again."""
+    need("WP_ASYNC", "WP_UNPOPULATED", pagemap_scan=True)
+    npages = 64
+    written = list(range(1, 64, 3))  # 21 separate runs
+    with Userfaultfd.open(Feature.WP_ASYNC | Feature.WP_UNPOPULATED) as uffd, \
+            Region.anonymous(npages * PAGE_SIZE) as region, PagemapScanner(capacity=4) as scanner:
+        uffd.register(region.address, region.size, RegisterMode.WP)
+        uffd.writeprotect(region.address, region.size, True)
+        touch_pages([region.page_address(i) for i in written], write=True)
+        dirty = bytearray(npages)
+        assert scanner.mark(region.address, region.end, dirty, require=PageCategory.WRITTEN,
+                            wp_matching=True, check_wpasync=True) == len(written)
+        assert [i for i in range(npages) if dirty[i]] == written
+        assert set(dirty) <= {0, 1}
+        assert list(memory.byte_indexes(dirty)) == written
+        again = bytearray(npages)
+        assert scanner.mark(region.address, region.end, again,
+                            require=PageCategory.WRITTEN) == 0  # protected again by the walk
+        assert again == bytearray(npages)
+        # a part of the region, into a map of that part only
+        part = bytearray(8)
+        touch_pages([region.page_address(17), region.page_address(40)], write=True)
+        assert scanner.mark(region.page_address(16), region.page_address(24), part,
+                            require=PageCategory.WRITTEN) == 1
+        assert part == bytearray([0, 1, 0, 0, 0, 0, 0, 0])
+        with pytest.raises(ValueError, match="byte map"):
+            scanner.mark(region.address, region.end, bytearray(3), require=PageCategory.WRITTEN)
+
+
+def test_byte_map_operations():
+    a = bytearray([1, 1, 0, 0, 1])
+    b = bytearray([1, 0, 1, 0, 0])
+    c = bytearray(a)
+    memory.bytes_clear(c, b)
+    assert c == bytearray([0, 1, 0, 0, 1])
+    c = bytearray(a)
+    memory.bytes_keep(c, b)
+    assert c == bytearray([1, 0, 0, 0, 0])
+    c = bytearray(a)
+    memory.bytes_set(c, b)
+    assert c == bytearray([1, 1, 1, 0, 1])
+    assert list(memory.byte_indexes(a)) == [0, 1, 4]
+    assert list(memory.byte_indexes(bytearray(7))) == []
+    with pytest.raises(ValueError, match="byte maps"):
+        memory.bytes_set(c, bytearray(4))
