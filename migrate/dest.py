@@ -552,11 +552,21 @@ class DestSession:
         transport.send_frames(sock, self.conn.send(msg))
         self.last_sent = time.monotonic()
 
-    def _request(self, index: int, req: int) -> None:
+    def _request(self, index: int, req: int, around: int | None = None) -> None:
         assert self.urgent is not None
         transport.send_frames(self.urgent, self.conn.send_fast(
-            MsgType.REQUEST, req, index, self.opts.fault_around))
+            MsgType.REQUEST, req, index, self.opts.fault_around if around is None else around))
         self.last_sent = time.monotonic()
+
+    _last_fault_index = -1
+
+    def _fault_around(self, index: int) -> int:
+        """Neighbours a fault asks for: fault-around follows locality as the C loop's does
+        (native/xfer.c, mig_dest_x_faults): a fault just after the previous one asks for the
+        pages that follow, an isolated one for its page alone."""
+        last, self._last_fault_index = self._last_fault_index, index
+        around = self.opts.fault_around
+        return around if last >= 0 and last < index <= last + 2 * (around + 1) - 1 else 0
 
     def _loop(self) -> None:
         assert self.fd is not None and self.guest is not None
@@ -853,7 +863,7 @@ class DestSession:
             t_ns = time.monotonic_ns()
             self.pending[index] = (req, t_ns, t_ns, True)
             self.report.faults += 1
-            self._request(index, req)
+            self._request(index, req, self._fault_around(index))
             self.report.request_latency.record_ns(time.monotonic_ns() - t_ns)
 
     # -- region events (docs/region-events.md) ----------------------------------------------

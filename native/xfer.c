@@ -606,12 +606,14 @@ struct mig_dest_x {
 	uint64_t staging_newly;
 	int staging_interrupted;
 	uint64_t bad_address;
+	uint64_t last_fault_index; /* page of the last fault asked of the source (+1; 0: none) */
+	uint64_t around_asked;     /* requests that asked for neighbours */
 };
 
-static int mig_dest_x_send_request(struct mig_dest_x *st, uint64_t index)
+static int mig_dest_x_send_request(struct mig_dest_x *st, uint64_t index, uint64_t around)
 {
 	uint8_t head[40];
-	int64_t len = mig_x_pack_request(head, st->pend_req[index], index, st->around);
+	int64_t len = mig_x_pack_request(head, st->pend_req[index], index, around);
 	int ret = mig_x_send(st->urgent, head, (size_t)len, NULL, 0, 0);
 	uint64_t now = mig_x_now();
 	st->pend_sent[index] = now;
@@ -633,7 +635,7 @@ int mig_dest_x_ask(struct mig_dest_x *st, uint64_t index, int fault)
 	st->pend_fault[index] = (uint8_t)(fault != 0);
 	st->pend_pos[index] = (uint32_t)st->pend_n;
 	st->pend_list[st->pend_n++] = (uint32_t)index;
-	return mig_dest_x_send_request(st, index);
+	return mig_dest_x_send_request(st, index, st->around);
 }
 
 int64_t mig_dest_x_retry(struct mig_dest_x *st, uint64_t now_ns, uint64_t retry_ns)
@@ -642,7 +644,7 @@ int64_t mig_dest_x_retry(struct mig_dest_x *st, uint64_t now_ns, uint64_t retry_
 	for (uint64_t k = 0; k < st->pend_n; k++) {
 		uint32_t p = st->pend_list[k];
 		if (retry_ns == 0 || now_ns - st->pend_sent[p] >= retry_ns) {
-			int ret = mig_dest_x_send_request(st, p);
+			int ret = mig_dest_x_send_request(st, p, 0);
 			if (ret < 0)
 				return ret;
 			sent++;
@@ -772,7 +774,19 @@ static int mig_dest_x_faults(struct mig_dest_x *st)
 		st->pend_fault[index] = 1;
 		st->pend_pos[index] = (uint32_t)st->pend_n;
 		st->pend_list[st->pend_n++] = (uint32_t)index;
-		int ret = mig_dest_x_send_request(st, index);
+		/* Fault-around follows locality, like readahead: a fault just after the previous one
+		 * (a forward sweep) asks for the pages that follow it; an isolated fault asks for its
+		 * page alone. The neighbours travel on the urgent channel and delay the reply's
+		 * processing (measured, kv 1 GiB post-copy: p50 109-115 us with 8 neighbours on every
+		 * fault, 97-103 us with none), while random access gets nothing from them. */
+		uint64_t around = 0;
+		if (st->last_fault_index && index >= st->last_fault_index &&
+		    index < st->last_fault_index + 2 * ((uint64_t)st->around + 1)) {
+			around = st->around;
+			st->around_asked++;
+		}
+		st->last_fault_index = index + 1;
+		int ret = mig_dest_x_send_request(st, index, around);
 		if (ret < 0)
 			return ret;
 		mig_x_sample(&st->request_lat, mig_x_now() - t);
