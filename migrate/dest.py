@@ -465,6 +465,8 @@ class DestSession:
         if st is None or not st.stale_known or self.events_active:
             return False
         assert self.fd is not None
+        if self.fast is not None:
+            return self._install_staged_fast(self.fast, st)
         before = st.cursor
         try:
             newly = st.install_next(self.fd.fileno(), self.base, self.present, LOCAL_BATCH_PAGES)
@@ -475,6 +477,25 @@ class DestSession:
             self._release_staging()
             return False
         self._staged_in(newly, before, st.cursor)
+        self._maybe_complete()
+        return True
+
+    def _install_staged_fast(self, fast: fastpath.DestFastPath, st: Staging) -> bool:
+        """The background install with the fast path running: in C, a slice at a time with
+        faults and replies served between slices (from Python, a fault reply waited for a whole
+        batch: hybrid fault p50 ~130 us against ~103 us in post-copy)."""
+        if st.cursor >= self.npages:
+            self._release_staging()
+            fast.set_staging(None, False)
+            return False
+        before = st.cursor
+        # present_count and pages["local"] (local_pages) are counted by the C side
+        flags, reached, _newly = fast.stage_next(before, LOCAL_BATCH_PAGES)
+        st.advance(max(before, reached))
+        if self.pending:
+            self._resolved([p for p in self.pending if before <= p < reached])
+        if flags:
+            self._fast_handle(fast, flags)
         self._maybe_complete()
         return True
 
@@ -697,7 +718,18 @@ class DestSession:
         assert fast is not None and self.guest is not None
         st = self.staging
         fast.set_staging(st, st is not None and st.stale_known and not self.events_active)
-        flags = fast.run(0 if local_work else int(TICK_S * 1000))
+        self._fast_handle(fast, fast.run(0 if local_work else int(TICK_S * 1000)))
+        more = self._install_staged_batch()
+        guest_fd = self.guest.fileno()
+        if select.select([guest_fd], [], [], 0)[0]:
+            for msg in self.guest.poll_messages():
+                if msg["type"] == "done":
+                    self.guest_done = msg
+                    self._finish_if_done()
+        return more
+
+    def _fast_handle(self, fast: fastpath.DestFastPath, flags: int) -> None:
+        """What a run (or a staged install) of the C loop handed back."""
         self._fast_collect(fast)
         if flags & fastpath.OUTSIDE:
             raise MigrationError("postcopy", f"fault at {fast.st.bad_address:#x} outside the "
@@ -729,14 +761,6 @@ class DestSession:
             self._maybe_complete()
         if self.completed_sent:
             self._stop_fast()  # the rest (VERIFIED, late pushes) is the Python loop's
-        more = self._install_staged_batch()
-        guest_fd = self.guest.fileno()
-        if select.select([guest_fd], [], [], 0)[0]:
-            for msg in self.guest.poll_messages():
-                if msg["type"] == "done":
-                    self.guest_done = msg
-                    self._finish_if_done()
-        return more
 
     def _drain_urgent(self) -> None:
         """Every message waiting on the urgent channel. Readiness alone proves nothing (a

@@ -295,6 +295,16 @@ class DestFastPath:
     def resolve(self, first: int, end: int) -> None:
         lib.mig_dest_x_resolve(self.st, first, end)
 
+    def stage_next(self, first: int, max_pages: int) -> tuple[int, int, int]:
+        """Staged pages from ``first`` into the guest (GIL released), about ``max_pages``, with
+        faults and replies served between slices: (MIG_X_* flags as from run, index reached,
+        pages that became present)."""
+        reached, newly = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        ret = lib.mig_dest_x_stage_next(self.st, first, max_pages, reached, newly)
+        if ret < 0:
+            raise oserror(-ret, "installing staged pages (fast path)")
+        return ret, int(reached[0]), int(newly[0])
+
     def adopt_pending(self, pending: dict[int, tuple[int, int, int, bool]]) -> None:
         """Requests the Python loop had in flight when the fast path took over."""
         st = self.st

@@ -585,14 +585,11 @@ class PagemapScanner:
     def fileno(self) -> int:
         return self._fd
 
-    def scan(self, start: int, end: int, *, require: int = 0, anyof: int = 0, exclude: int = 0,
-             return_mask: int | None = None, wp_matching: bool = False,
-             check_wpasync: bool = False, max_pages: int = 0
-             ) -> list[tuple[int, int, PageCategory]]:
-        """Runs ``(start, end, categories)`` of pages that have every ``require`` category, at
-        least one ``anyof`` category (if given) and none of ``exclude``."""
+    def _walk_flags(self, what: str, start: int, end: int, require: int, anyof: int,
+                    exclude: int, wp_matching: bool, check_wpasync: bool) -> int:
+        """The checks scan and mark share; the ioctl's flags."""
         if self._fd < 0:
-            raise ValueError("scan on a closed PagemapScanner")
+            raise ValueError(f"{what} on a closed PagemapScanner")
         _check_aligned(start, "scan start")
         _check_aligned(end, "scan end")
         if end <= start:
@@ -600,10 +597,19 @@ class PagemapScanner:
         for name, mask in (("require", require), ("anyof", anyof), ("exclude", exclude)):
             if int(mask) & ~int(ALL_CATEGORIES):
                 raise ValueError(f"{name} has unknown category bits {int(mask):#x}")
+        return (lib.PM_SCAN_WP_MATCHING if wp_matching else 0) | (
+            lib.PM_SCAN_CHECK_WPASYNC if check_wpasync else 0)
+
+    def scan(self, start: int, end: int, *, require: int = 0, anyof: int = 0, exclude: int = 0,
+             return_mask: int | None = None, wp_matching: bool = False,
+             check_wpasync: bool = False, max_pages: int = 0
+             ) -> list[tuple[int, int, PageCategory]]:
+        """Runs ``(start, end, categories)`` of pages that have every ``require`` category, at
+        least one ``anyof`` category (if given) and none of ``exclude``."""
+        flags = self._walk_flags("scan", start, end, require, anyof, exclude, wp_matching,
+                                 check_wpasync)
         if return_mask is None:
             return_mask = int(ALL_CATEGORIES)
-        flags = (lib.PM_SCAN_WP_MATCHING if wp_matching else 0) | (
-            lib.PM_SCAN_CHECK_WPASYNC if check_wpasync else 0)
         mask = int(require) | int(exclude)
         result: list[tuple[int, int, PageCategory]] = []
         pos = start
@@ -635,20 +641,11 @@ class PagemapScanner:
              exclude: int = 0, wp_matching: bool = False, check_wpasync: bool = False) -> int:
         """Like :meth:`scan`, but each matching page's byte in ``out`` (one a page from
         ``start``) is set to 1 in C, however many runs there are. Returns the pages marked."""
-        if self._fd < 0:
-            raise ValueError("mark on a closed PagemapScanner")
-        _check_aligned(start, "scan start")
-        _check_aligned(end, "scan end")
-        if end <= start:
-            raise ValueError(f"scan end {end:#x} must be above start {start:#x}")
+        flags = self._walk_flags("mark", start, end, require, anyof, exclude, wp_matching,
+                                 check_wpasync)
         if len(out) < (end - start) // PAGE_SIZE:
             raise ValueError(f"the byte map has {len(out)} bytes for "
                              f"{(end - start) // PAGE_SIZE} pages")
-        for name, mask in (("require", require), ("anyof", anyof), ("exclude", exclude)):
-            if int(mask) & ~int(ALL_CATEGORIES):
-                raise ValueError(f"{name} has unknown category bits {int(mask):#x}")
-        flags = (lib.PM_SCAN_WP_MATCHING if wp_matching else 0) | (
-            lib.PM_SCAN_CHECK_WPASYNC if check_wpasync else 0)
         n = lib.mig_pagemap_mark(self._fd, start, end, flags, int(exclude),
                                  int(require) | int(exclude), int(anyof),
                                  # runs merge across categories not asked about

@@ -108,6 +108,12 @@ class Staging:
         if self.cursor >= self.npages:
             return None
         reached, newly = self.install(fd, dst, present, self.cursor, self.npages, max_pages)
+        self.advance(reached)
+        return newly
+
+    def advance(self, reached: int) -> None:
+        """The background install has handled every page below ``reached``: move the cursor and
+        give back the staging memory below it, in whole chunks."""
         self.cursor = reached
         done_bytes = (reached * self.page) // FREE_CHUNK * FREE_CHUNK
         if reached >= self.npages:
@@ -115,7 +121,6 @@ class Staging:
         if done_bytes > self.freed:
             self.region.advise(memory.Advice.DONTNEED, self.freed, done_bytes - self.freed)
             self.freed = done_bytes
-        return newly
 
     def drop(self, indexes: array) -> int:
         """Forget staged pages (stale: written at the source since they were sent). Returns how

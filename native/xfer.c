@@ -961,6 +961,48 @@ static int mig_dest_x_on_bulk(struct mig_dest_x *st)
 	return flags;
 }
 
+int mig_dest_x_stage_next(struct mig_dest_x *st, uint64_t from, uint64_t max_pages,
+                          uint64_t *reached, uint64_t *newly)
+{
+	uint32_t slice = st->slice ? st->slice : 16;
+	uint64_t i = from, budget = max_pages;
+	*newly = 0;
+	*reached = from;
+	if (!Z.loaded)
+		return -ENOSYS;
+	if (st->hand[0].nframes || st->hand[1].nframes || st->nevents)
+		return -EBUSY;
+	if (!st->stage_ready || !st->staging)
+		return 0;
+	while (i < st->npages && budget) {
+		uint64_t n = 0, want = budget < slice ? budget : slice;
+		int64_t r = mig_stage_install(st->uffd, st->base, st->staging, st->stage_state,
+		                              st->present, i, st->npages, st->page_size, want, &n);
+		st->present_count += n;
+		st->local_pages += n;
+		*newly += n;
+		if (r < 0) {
+			*reached = i;
+			if (r == -EAGAIN || r == -ENOENT) {
+				st->staging_interrupted = 1;
+				return MIG_X_EVENTS;
+			}
+			return (int)r;
+		}
+		if (st->pend_n)
+			mig_dest_x_resolve(st, i, (uint64_t)r);
+		budget -= want;
+		i = (uint64_t)r;
+		*reached = i;
+		if (i < st->npages) {
+			int ret = mig_dest_x_service(st);
+			if (ret)
+				return ret;
+		}
+	}
+	return 0;
+}
+
 int mig_dest_x_run(struct mig_dest_x *st, int timeout_ms)
 {
 	uint64_t deadline = mig_x_now() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ull;

@@ -111,6 +111,13 @@ struct mig_dest_x {
 };
 
 int mig_dest_x_run(struct mig_dest_x *st, int timeout_ms);
+/* Background install (hybrid) of about max_pages staged pages from index `from` upward, a slice
+ * per UFFDIO_COPY with faults and fault replies served between slices (a reply never waits for
+ * a whole batch). *reached: where it stopped; *newly: pages that became present (counted in
+ * present_count). Returns 0, MIG_X_* flags of what it hands to Python (as mig_dest_x_run), or
+ * -errno. */
+int mig_dest_x_stage_next(struct mig_dest_x *st, uint64_t from, uint64_t max_pages,
+                          uint64_t *reached, uint64_t *newly);
 /* Ask for a page (the sweep: fault=0), as a fault would. 0, or -errno of the send. */
 int mig_dest_x_ask(struct mig_dest_x *st, uint64_t index, int fault);
 /* Send again every request older than retry_ns (0: all of them). Returns how many. */
