@@ -607,7 +607,6 @@ struct mig_dest_x {
 	int staging_interrupted;
 	uint64_t bad_address;
 	uint64_t last_fault_index; /* page of the last fault asked of the source (+1; 0: none) */
-	uint64_t around_asked;     /* requests that asked for neighbours */
 };
 
 static int mig_dest_x_send_request(struct mig_dest_x *st, uint64_t index, uint64_t around)
@@ -781,10 +780,8 @@ static int mig_dest_x_faults(struct mig_dest_x *st)
 		 * fault, 97-103 us with none), while random access gets nothing from them. */
 		uint64_t around = 0;
 		if (st->last_fault_index && index >= st->last_fault_index &&
-		    index < st->last_fault_index + 2 * ((uint64_t)st->around + 1)) {
+		    index < st->last_fault_index + 2 * ((uint64_t)st->around + 1))
 			around = st->around;
-			st->around_asked++;
-		}
 		st->last_fault_index = index + 1;
 		int ret = mig_dest_x_send_request(st, index, around);
 		if (ret < 0)
