@@ -53,7 +53,7 @@ SWEEP_PAGES = 256  # at most this many missing pages requested per sweep
 REPEAT_S = 1.0  # COMPLETE / REPORT repeated at this period until answered
 REPORT_REPEATS = 5
 REPORT_HISTORY = 1000  # reports a long-running destination daemon keeps
-LOCAL_BATCH_PAGES = 128  # staged pages installed per loop turn (one UFFDIO_COPY per run)
+LOCAL_BATCH_PAGES = 128  # staged pages installed per loop turn (C: INSTALL_SLICE per ioctl)
 LOCAL_AROUND = 16  # staged pages installed with a faulting one
 INSTALL_SLICE = 16  # pages per UFFDIO_COPY batch of a push; faults are served between slices
 DEFAULT_RESUME_TIMEOUT_S = 60.0  # how long a source with a snapshot may take to come back
@@ -587,7 +587,7 @@ class DestSession:
         pages that follow, an isolated one for its page alone."""
         last, self._last_fault_index = self._last_fault_index, index
         around = self.opts.fault_around
-        return around if last >= 0 and last < index <= last + 2 * (around + 1) - 1 else 0
+        return around if last >= 0 and last < index <= last + 2 * (around + 1) else 0
 
     def _loop(self) -> None:
         assert self.fd is not None and self.guest is not None

@@ -39,6 +39,11 @@ MAX_CONTROL_MESSAGE = 1 << 20
 PROGRESS_INTERVAL_S = 0.25
 
 
+# A guest that sent one of these has ended its workload: its region no longer changes.
+# "finished" comes first, "done" (with the region's digest) once the digest is computed.
+STILL_MESSAGES = ("finished", "done")
+
+
 class GuestError(MigrateError):
     """The guest process failed, died, or said something unexpected."""
 
@@ -354,7 +359,7 @@ class GuestHandle:
         and call :meth:`wait_stopped` later (before anything that needs the stop itself)."""
         os.kill(self.pid, PAUSE_SIGNAL)
         msg = self.receive(timeout)
-        if msg["type"] in ("finished", "done"):
+        if msg["type"] in STILL_MESSAGES:
             return msg  # finished before the pause took effect: it is just as still
         if msg["type"] != "paused":
             raise GuestError(f"expected paused, got {msg['type']}")

@@ -39,7 +39,7 @@ import zmq
 
 from migrate import digest, fastpath, memory, protocol, regionevents, transport, uffd, workloads
 from migrate.errors import MigrateError, MigrationError, ProtocolError
-from migrate.guest import GuestError, GuestHandle
+from migrate.guest import STILL_MESSAGES, GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
 from migrate.snapshot import Snapshot, SnapshotError, SnapshotWriter
 from migrate.stats import LatencyRecorder, Stopwatch
@@ -381,7 +381,7 @@ class SourceMigration:
         while time.monotonic() < deadline:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
             for msg in self.guest.poll_messages():
-                if msg["type"] in ("finished", "done"):
+                if msg["type"] in STILL_MESSAGES:
                     self.guest_finished = msg
                     self.progress.update("running", "the workload finished before migration")
             if self.guest.progress_ops == 0 and self.guest.progress_init:
@@ -556,7 +556,7 @@ class SourceMigration:
         self.pause_at_ns = t_pause - self.migration_clock.start_ns
         if self.guest_finished is None:
             for msg in self.guest.poll_messages():
-                if msg["type"] in ("finished", "done"):
+                if msg["type"] in STILL_MESSAGES:
                     self.guest_finished = msg
         # A guest that already finished its workload is as still as a paused one.
         # The region is still from PAUSED on; the guest's own SIGSTOP is awaited after SWITCHOVER.
@@ -620,7 +620,7 @@ class SourceMigration:
         deadline = time.monotonic() + timeout_s
         while not self.guest.events and time.monotonic() < deadline:
             for msg in self.guest.poll_messages():
-                if msg["type"] in ("finished", "done"):
+                if msg["type"] in STILL_MESSAGES:
                     self.guest_finished = msg
             if self.guest_finished is not None:
                 return
