@@ -148,6 +148,7 @@ class SourceMigration:
         self.throttled = False  # the guest runs at SCHED_IDLE (pre-copy with opts.throttle)
         self.bulk_io_fifo = False  # the bulk I/O thread runs at SCHED_FIFO (pre-copy)
         self.bulk_io_fifo_used = False  # ... it did, for the report
+        self.postcopy_send_buffer: int | None = None  # bulk SO_SNDBUF in post-copy, if set
         self.precopy_sender_fifo = False  # the pre-copy sender (this thread) ran at SCHED_FIFO
         self.ops_at_start = 0  # guest operations done when the migration started
         self.region_events: regionevents.SourceEventWatcher | None = None
@@ -328,6 +329,7 @@ class SourceMigration:
             self.ctx = transport.make_context(o.cpu)
             self.urgent = transport.connect(self.ctx, st["urgent"], o.keys, channel="urgent")
             self.bulk = transport.connect(self.ctx, st["bulk"], o.keys, channel="bulk")
+            self.endpoints = (st["urgent"], st["bulk"])
             self.sockets += [self.urgent, self.bulk]
             self.conn = protocol.Connection.resumed(
                 protocol.Side.SOURCE, protocol.Limits(npages=self.npages, page_size=self.page))
@@ -666,6 +668,12 @@ class SourceMigration:
 
     def _postcopy(self) -> None:
         """Serve faults first; push the rest between them; until the destination has it all."""
+        assert self.bulk is not None
+        # A smaller send buffer from here on: each send's copy is shorter, so a fault reply
+        # on this CPU waits less for it (transport.POSTCOPY_SEND_BUFFER).
+        if transport.set_send_buffer(self.bulk, self.endpoints[1],
+                                     transport.POSTCOPY_SEND_BUFFER):
+            self.postcopy_send_buffer = transport.POSTCOPY_SEND_BUFFER
         if self.fast is not None:
             self._postcopy_fast(self.fast)
             return
@@ -928,6 +936,8 @@ class SourceMigration:
             # Scheduling of pre-copy's sender and bulk I/O thread (see transport.py)
             "precopy_priority": {"sender": "fifo" if self.precopy_sender_fifo else "normal",
                                  "bulk_io": "fifo" if self.bulk_io_fifo_used else "normal"},
+            "bulk_send_buffer": {"precopy": transport.BULK_SEND_BUFFER,
+                                 "postcopy": self.postcopy_send_buffer},
             # What the guest got done while pre-copy ran (from its last progress report, at
             # most 0.25 s old, to the pause): what throttling costs it.
             "guest_ops_during_precopy": max(0, self.paused_ops - self.ops_at_start),

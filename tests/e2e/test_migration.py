@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from migrate import dest, fastpath, source
+from migrate import dest, fastpath, source, transport
 from migrate.check import capabilities
 from migrate.demo import run_demo
 from migrate.workloads import WORKLOADS
@@ -55,6 +55,10 @@ def check_report(r: dict[str, Any], mode: str, memory: int) -> None:
             "MIGRATE_NO_FASTPATH"):
         # Post-copy ran in the C loops on both sides (fastpath.py).
         assert r["fast_path"]["source"] and r["fast_path"]["dest"], r["fast_path"]
+    if mode != "precopy":
+        # the live bulk connection was found and its send buffer made smaller for post-copy
+        assert r["bulk_send_buffer"] == {"precopy": transport.BULK_SEND_BUFFER,
+                                         "postcopy": transport.POSTCOPY_SEND_BUFFER}
 
 
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
