@@ -128,8 +128,13 @@ def make_context(io_cpu: int | None = None, io_threads: int = IO_THREADS) -> Con
 # Real-time priorities (SCHED_FIFO): the urgent I/O thread above the daemon's fast loop
 # (fastpath.realtime), both above every normal thread (guests; bulk I/O except as below).
 URGENT_IO_PRIORITY = 2
-# The source's bulk I/O thread during pre-copy (set_bulk_io_realtime): above its running guest.
-BULK_IO_PRIORITY = 1
+# The source's bulk I/O thread during pre-copy (set_bulk_io_realtime): above its running guest,
+# and above the pre-copy sender (fastpath.LOOP_PRIORITY), so it refills the TCP connection as
+# soon as there is room instead of waiting until the sender has read its whole window ahead
+# (the destination then sat idle). No fault is served meanwhile. Measured here, kv 1 GiB
+# hybrid: pre-copy 1.55-1.60 GB/s and total 1.08-1.11 s, against 1.38-1.50 GB/s and 1.16-1.22 s
+# with the two at the same priority; the guest did ~10% fewer operations in the shorter round.
+BULK_IO_PRIORITY = 2
 
 
 def _tasks() -> set[int]:
