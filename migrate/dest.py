@@ -29,6 +29,7 @@ import select
 import sys
 import threading
 import time
+import traceback
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ import psutil
 import zmq
 
 from migrate import digest, fastpath, protocol, regionevents, transport, uffd
-from migrate.errors import MigrateError, MigrationError, ProtocolError
+from migrate.errors import InternalError, MigrateError, MigrationError, ProtocolError
 from migrate.guest import GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
 from migrate.staging import ZERO_PAGE_HASH, Staging
@@ -533,6 +534,9 @@ class DestSession:
             self._loop()
         except (MigrateError, OSError, zmq.ZMQError) as exc:
             self._fail(exc)
+        except Exception as exc:  # a bug: the source hears of it now, not after its timeout
+            traceback.print_exc()
+            self._fail(InternalError(exc))
         finally:
             self._cleanup()
         return self.report
@@ -544,11 +548,13 @@ class DestSession:
         self.report.ok = False
         self.daemon.log(f"migration failed during {phase}: {cause}")
         frames = self.conn.error_frames(phase, cause)
-        if self.urgent is not None and frames is not None:
-            try:
-                transport.send_frames(self.urgent, frames, flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        # On both channels: the source may be waiting on either (pre-copy: for acknowledgements).
+        for sock in (self.urgent, self.bulk):
+            if sock is not None and frames is not None:
+                try:
+                    transport.send_frames(sock, frames, flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
 
     def _cleanup(self) -> None:
         self._stop_fast()
@@ -564,7 +570,8 @@ class DestSession:
         self._release_staging()
         for sock in (self.urgent, self.bulk):
             if sock is not None:
-                sock.close(linger=0)
+                # an ERROR just sent still leaves (the daemon's context lives on)
+                sock.close(linger=0 if self.report.ok else transport.ERROR_LINGER_MS)
 
     def _recv(self, sock: zmq.Socket) -> protocol.Message:
         return self.conn.receive(transport.recv_frames(sock))

@@ -35,3 +35,12 @@ class MigrationError(MigrateError):
         super().__init__(f"migration failed during {phase}: {cause}")
         self.phase = phase
         self.cause = cause
+
+
+class InternalError(MigrateError):
+    """An exception no code here expected (a bug): it still ends the migration the way any
+    failure does, named by its type, so the peer hears of it at once and the guest is kept."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"internal error, {type(exc).__name__}: {exc}")
+        self.original = exc

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from array import array
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from typing import Any
 import zmq
 
 from migrate import digest, fastpath, memory, protocol, regionevents, transport, uffd, workloads
-from migrate.errors import MigrateError, MigrationError, ProtocolError
+from migrate.errors import InternalError, MigrateError, MigrationError, ProtocolError
 from migrate.guest import STILL_MESSAGES, GuestError, GuestHandle
 from migrate.protocol import Batch, MsgType
 from migrate.snapshot import Snapshot, SnapshotError, SnapshotWriter
@@ -264,6 +265,8 @@ class SourceMigration:
             self._handle_bulk(self._recv(self.bulk))
 
     def _handle_bulk(self, msg: protocol.Message) -> None:
+        if isinstance(msg, protocol.Error):  # said on both channels: heard while waiting here
+            raise MigrationError(msg.phase, f"the destination reported: {msg.message}")
         if msg.TYPE == MsgType.ACK:
             assert isinstance(msg, protocol.Ack)
             self.acked = max(self.acked, msg.seq)
@@ -306,6 +309,11 @@ class SourceMigration:
                 except regionevents.RegionEventError as event_exc:
                     cause = event_exc
             report = self._failed(cause)
+            report["guest_at_source"] = self._recover_at_source()
+            return report
+        except Exception as exc:  # a bug: reported as one, and the guest still recovered here
+            traceback.print_exc()
+            report = self._failed(InternalError(exc))
             report["guest_at_source"] = self._recover_at_source()
             return report
         finally:
@@ -1050,7 +1058,8 @@ class SourceMigration:
         if getattr(self, "scanner", None) is not None:
             self.scanner.close()
         for sock in self.sockets:
-            sock.close(linger=0)
+            # an ERROR just sent still leaves (ctx.term waits for it at most this long)
+            sock.close(linger=0 if self.dest_report is not None else transport.ERROR_LINGER_MS)
         if self.ctx is not None:
             self.ctx.term()
 

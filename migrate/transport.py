@@ -109,6 +109,8 @@ BULK_RECEIVE_BUFFER = 1 << 20
 # push at 1.18-1.28 GB/s (1.28-1.38); for pre-copy 256 KiB stays (1.43-1.45 GB/s round 1,
 # against 1.2-1.3 with 160-192 KiB; 1 MiB or autotuned buffers were no faster, 1.25-1.40).
 POSTCOPY_SEND_BUFFER = 192 << 10
+# A socket closed after a failure keeps its unsent messages (the ERROR for the peer) this long.
+ERROR_LINGER_MS = 500
 
 
 def make_context(io_cpu: int | None = None, io_threads: int = IO_THREADS) -> Context:

@@ -196,6 +196,39 @@ def test_destination_guest_killed_during_postcopy() -> None:
     assert not dest_report["ok"] and "guest" in dest_report["error"]
 
 
+def test_a_bug_at_the_destination_is_reported_to_the_source_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An exception nothing expects (here injected into the staging of pre-copied pages) ends
+    # the migration like any failure: the source hears of it from the destination (not after
+    # its peer timeout), and its guest goes on where it was.
+    def broken_store(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(dest.Staging, "store", broken_store)
+    run = InProcess(workload="kv", memory=64 * MIB, mode="hybrid", after_s=0.2)
+    report, dest_report = run.finish()
+    assert not report["ok"] and not dest_report["ok"]
+    assert "internal error, RuntimeError: injected bug" in dest_report["error"]
+    assert "the destination reported" in report["error"]
+    assert "internal error, RuntimeError: injected bug" in report["error"]
+    assert report["guest_at_source"]["resumed"] is True
+
+
+def test_a_bug_at_the_source_is_reported_and_its_guest_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_switchover(self: Any) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(source.SourceMigration, "_switchover", broken_switchover)
+    run = InProcess(workload="kv", memory=64 * MIB, mode="hybrid", after_s=0.2)
+    report, dest_report = run.finish()
+    assert not report["ok"] and report["phase"] == "switchover"
+    assert report["error"].startswith("InternalError: internal error, RuntimeError: injected")
+    assert report["guest_at_source"]["resumed"] is True
+    assert report["guest_at_source"]["digest"] == report["guest_at_source"]["reference_digest"]
+    assert not dest_report["ok"] and "injected bug" in dest_report["error"]
+
+
 def _children() -> list[str]:
     out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(os.getpid())],
                          capture_output=True, text=True, check=False).stdout
