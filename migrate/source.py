@@ -677,8 +677,8 @@ class SourceMigration:
     def _postcopy(self) -> None:
         """Serve faults first; push the rest between them; until the destination has it all."""
         assert self.bulk is not None
-        # A smaller send buffer from here on: each send's copy is shorter, so a fault reply
-        # on this CPU waits less for it (transport.POSTCOPY_SEND_BUFFER).
+        # A smaller send buffer from here on: less bulk data in each uninterruptible copy a
+        # fault reply may wait behind (transport.POSTCOPY_SEND_BUFFER).
         if transport.set_send_buffer(self.bulk, self.endpoints[1],
                                      transport.POSTCOPY_SEND_BUFFER):
             self.postcopy_send_buffer = transport.POSTCOPY_SEND_BUFFER
