@@ -532,11 +532,11 @@ class DestSession:
             if not self.handshake():
                 return self.report
             self._loop()
-        except (MigrateError, OSError, zmq.ZMQError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, (MigrateError, OSError, zmq.ZMQError)):
+                traceback.print_exc()  # a bug: the source hears of it now, not after its timeout
+                exc = InternalError(exc)
             self._fail(exc)
-        except Exception as exc:  # a bug: the source hears of it now, not after its timeout
-            traceback.print_exc()
-            self._fail(InternalError(exc))
         finally:
             self._cleanup()
         return self.report

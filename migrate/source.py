@@ -299,9 +299,12 @@ class SourceMigration:
             self._postcopy()
             self.phase = "verify"
             return self._verify()
-        except (MigrateError, OSError, zmq.ZMQError) as exc:
+        except Exception as exc:
             cause: BaseException = exc
-            if self.region_events is not None and not self.dest_running:
+            if not isinstance(exc, (MigrateError, OSError, zmq.ZMQError)):
+                traceback.print_exc()  # a bug: reported as one, the guest recovered all the same
+                cause = InternalError(exc)
+            elif self.region_events is not None and not self.dest_running:
                 # An UNMAP/REMAP makes later steps fail obscurely (a scan or read of pages that
                 # moved): name the event instead.
                 try:
@@ -309,11 +312,6 @@ class SourceMigration:
                 except regionevents.RegionEventError as event_exc:
                     cause = event_exc
             report = self._failed(cause)
-            report["guest_at_source"] = self._recover_at_source()
-            return report
-        except Exception as exc:  # a bug: reported as one, and the guest still recovered here
-            traceback.print_exc()
-            report = self._failed(InternalError(exc))
             report["guest_at_source"] = self._recover_at_source()
             return report
         finally:
